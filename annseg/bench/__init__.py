@@ -1,0 +1,1 @@
+"""Efficiency benchmarks; results are written as JSON + Markdown with the machine recorded."""

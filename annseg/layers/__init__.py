@@ -1,0 +1,10 @@
+"""The paper's building blocks: pure nn.Modules, no training code, no I/O."""
+
+from annseg.layers.afnb import AFNB
+from annseg.layers.apnb import APNB
+from annseg.layers.attention import attention
+from annseg.layers.conv import Projection, conv_bn_act
+from annseg.layers.nonlocal2d import NonLocal2d
+from annseg.layers.pyramid import PyramidSampling
+
+__all__ = ["AFNB", "APNB", "NonLocal2d", "PyramidSampling", "Projection", "attention", "conv_bn_act"]

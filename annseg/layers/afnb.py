@@ -1,0 +1,76 @@
+"""AFNB, the Asymmetric Fusion Non-local Block (paper section 3.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from annseg.layers.attention import attention
+from annseg.layers.conv import Projection, conv_bn_act, to_map, to_tokens
+from annseg.layers.pyramid import PyramidSampling
+
+
+class AFNB(nn.Module):
+    """Fuse low-level into high-level features: high-level queries attend to low-level anchors.
+
+    ``forward(low, high)``: low (B, C_low, H_l, W_l) gives keys and values, high
+    (B, C_high, H, W) gives queries; returns (B, C_out, H, W). The two maps may differ in size.
+
+    Args:
+        low_channels: C_low (ResNet layer3: 1024).
+        high_channels: C_high (ResNet layer4: 2048).
+        out_channels: C_out; defaults to C_high.
+        key_channels: Ck, width of query and key (separate projections).
+        value_channels: Cv.
+        sizes: pyramid pooling sizes for the anchors; ``None`` attends to every low-level position.
+        norm_after_w: BatchNorm after W. The authors found it helps when AFNB is used without
+            APNB (their issue #16); their released model has none, so it is off by default.
+        dropout: Dropout2d probability after the fusion.
+        fusion: concat[W(O), X_high] -> 1x1 conv -> BN -> dropout (no ReLU). ``False`` returns W(O).
+        conv_bias: bias in convolutions followed by BatchNorm.
+        fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
+    """
+
+    def __init__(
+        self,
+        low_channels: int,
+        high_channels: int,
+        out_channels: int | None = None,
+        *,
+        key_channels: int = 256,
+        value_channels: int = 256,
+        sizes: tuple[int, ...] | None = (1, 3, 6, 8),
+        norm_after_w: bool = False,
+        dropout: float = 0.05,
+        fusion: bool = True,
+        conv_bias: bool = True,
+        fused_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        out_channels = high_channels if out_channels is None else out_channels
+        self.fused_attention = fused_attention
+        self.query = Projection(high_channels, key_channels, bias=conv_bias)
+        self.key = Projection(low_channels, key_channels, bias=conv_bias)
+        self.value = Projection(low_channels, value_channels, norm=False, act=False)
+        self.sample = nn.Flatten(2) if sizes is None else PyramidSampling(sizes)
+        self.out = Projection(
+            value_channels, out_channels, norm=norm_after_w, act=False, bias=True, zero_init=True
+        )
+        self.fuse = (
+            conv_bn_act(out_channels + high_channels, out_channels, bias=conv_bias, act=False, dropout=dropout)
+            if fusion
+            else None
+        )
+
+    def forward(self, low: Tensor, high: Tensor) -> Tensor:
+        H, W = high.shape[-2:]
+        query = self.query(to_tokens(high))  # (B, N, Ck)
+        key = self.key(to_tokens(low))  # (B, N_low, Ck)
+        anchor_keys = self.sample(to_map(key, *low.shape[-2:])).transpose(1, 2)  # (B, S, Ck)
+        # Pool first, then project: exact, since sampling is linear and the projection affine.
+        anchor_values = self.value(self.sample(low).transpose(1, 2))  # (B, S, Cv)
+        context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
+        out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init
+        if self.fuse is None:
+            return out
+        return self.fuse(torch.cat([out, high], dim=1))

@@ -1,0 +1,42 @@
+"""The one attention kernel every block calls: softmax(Q K^T / sqrt(Ck)) V.
+
+Two paths compute the same function:
+- fused: ``torch.nn.functional.scaled_dot_product_attention``. On the CPU and on CUDA it
+  tiles over queries, so the (N, S) similarity map is never held in memory at once; this is
+  what makes the full non-local block fit in a few hundred MiB instead of gigabytes.
+- reference: plain ``bmm`` + ``softmax``, easy to read, used by tests and FLOP counting.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, *, fused: bool = True) -> Tensor:
+    """Attend from every query to every key.
+
+    Args:
+        query: (B, N, Ck), one row per position.
+        key: (B, S, Ck), the anchors (S = N for the standard non-local block).
+        value: (B, S, Cv).
+        fused: use ``scaled_dot_product_attention``; ``False`` gives the plain reference path.
+
+    Returns:
+        (B, N, Cv): for each position, the softmax-weighted sum of the values.
+    """
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        raise ValueError(
+            "attention expects query (B, N, Ck), key (B, S, Ck) and value (B, S, Cv); got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if fused:
+        # (B, 1, N, C): one head. The CPU/CUDA kernels want a unit stride on the last axis.
+        q, k, v = (t.unsqueeze(1).contiguous() for t in (query, key, value))
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v).squeeze(1)
+    scale = query.shape[-1] ** -0.5
+    similarity = torch.bmm(query, key.transpose(1, 2)) * scale  # (B, N, S)
+    weights = similarity.softmax(dim=-1)
+    return torch.bmm(weights, value.to(weights.dtype))  # (B, N, Cv)

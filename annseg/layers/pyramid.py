@@ -1,0 +1,79 @@
+"""Pyramid sampling: summarise a feature map by S "anchors" (the paper's key idea).
+
+Adaptive average pooling to each size in ``sizes`` (default 1, 3, 6, 8), flattened and
+concatenated: S = sum(s * s) = 110 anchors instead of N = H * W positions.
+
+Pooling is separable (average over rows, then over columns), so all pyramid levels are
+computed with one matmul over the input plus tiny per-level matmuls. That reads a large
+(B, 2048, H, W) map once instead of once per level (about 2.5x faster on the CPU than four
+``adaptive_avg_pool2d`` calls) and gives exactly adaptive average pooling's bins, including
+when H or W is smaller than a pooling size.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+
+@lru_cache(maxsize=64)
+def _bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(sum(sizes), length) averaging matrix with adaptive_avg_pool's bins, levels stacked.
+
+    Built outside inference mode: a cached inference tensor could not be saved for backward
+    by a later training forward (Lightning validates under ``inference_mode``).
+    """
+    with torch.inference_mode(False):
+        return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
+
+
+def _averaging_matrix(length: int, sizes: tuple[int, ...]) -> Tensor:
+    rows = []
+    for size in sizes:
+        for i in range(size):
+            start, end = (i * length) // size, -((-(i + 1) * length) // size)
+            row = torch.zeros(length, dtype=torch.float64)
+            row[start:end] = 1.0 / (end - start)
+            rows.append(row)
+    return torch.stack(rows)
+
+
+def validate_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Return ``sizes`` as a tuple of positive ints, or raise a ValueError that says why not."""
+    sizes = tuple(sizes)
+    if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
+        raise ValueError(f"pooling sizes must be a non-empty sequence of positive ints, got {sizes!r}")
+    return sizes
+
+
+class PyramidSampling(nn.Module):
+    """(B, C, H, W) -> (B, C, S) anchors, S = sum(s * s for s in sizes)."""
+
+    def __init__(self, sizes: tuple[int, ...] = (1, 3, 6, 8)) -> None:
+        super().__init__()
+        self.sizes = validate_sizes(sizes)
+
+    @property
+    def num_anchors(self) -> int:
+        """S, the number of anchors produced per feature map."""
+        return sum(s * s for s in self.sizes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        rows = _bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
+        cols = _bins(W, self.sizes, x.device, x.dtype)  # (T, W)
+        pooled_w = torch.matmul(x, cols.t())  # (B, C, H, T): every level's column bins, one pass
+        # (B, C, T, T): column bin j of one level against row bin i of any level; the diagonal
+        # blocks (same level) are the pooled cells. Small: T * T values per channel.
+        pooled = torch.matmul(pooled_w.transpose(2, 3), rows.t())
+        anchors, start = [], 0
+        for s in self.sizes:
+            level = pooled[..., start : start + s, start : start + s]  # (B, C, s_w, s_h)
+            anchors.append(level.transpose(2, 3).reshape(B, C, s * s))  # row-major, as flatten
+            start += s
+        return torch.cat(anchors, dim=2)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, anchors={self.num_anchors}"

@@ -1,0 +1,7 @@
+"""The segmentation network, its backbones and the named model zoo."""
+
+from annseg.models.ann import ANN, VARIANTS
+from annseg.models.backbones import Backbone, load_backbone_weights
+from annseg.models.zoo import BACKBONES, MODELS, create_model, list_models
+
+__all__ = ["ANN", "VARIANTS", "Backbone", "load_backbone_weights", "BACKBONES", "MODELS", "create_model", "list_models"]

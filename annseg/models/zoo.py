@@ -1,0 +1,43 @@
+"""Named configurations: ``create_model("ann_resnet101", num_classes=19)``."""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from annseg.models.ann import ANN, VARIANTS
+
+# Our name -> timm backbone. Plain names use mmseg's ResNetV1c deep stem (timm 'c'), the
+# 's' names the authors' deep-base stem; ResNet-18 keeps timm's plain stem.
+BACKBONES = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50c",
+    "resnet50s": "resnet50s",
+    "resnet101": "resnet101c",
+    "resnet101s": "resnet101s",
+}
+MODELS: dict[str, Callable[..., ANN]] = {
+    f"{variant}_{name}": partial(ANN, backbone=timm_name, variant=variant)
+    for variant in VARIANTS
+    for name, timm_name in BACKBONES.items()
+}
+_OPTIONS = set(inspect.signature(ANN).parameters) - {"num_classes", "backbone_weights", "backbone", "variant"}
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``create_model``, sorted."""
+    return sorted(MODELS)
+
+
+def create_model(
+    name: str, num_classes: int = 19, backbone_weights: str | Path | None = None, **options: Any
+) -> ANN:
+    """Build a named model; ``options`` are ANN's keyword arguments (e.g. ``sizes=(1, 3)``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {name!r}; valid options: {sorted(_OPTIONS)}")
+    return MODELS[name](num_classes=num_classes, backbone_weights=backbone_weights, **options)

@@ -1,0 +1,47 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from annseg.layers import PyramidSampling
+
+
+def reference(x: torch.Tensor, sizes) -> torch.Tensor:
+    return torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in sizes], dim=2)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 45, 21), (1, 3, 2, 5), (1, 2, 1, 1), (2, 4, 96, 128), (1, 1, 7, 9)])
+@pytest.mark.parametrize("sizes", [(1, 3, 6, 8), (1,), (2, 4), (1, 3, 6, 8, 12)])
+def test_equals_adaptive_avg_pool(shape, sizes):
+    x = torch.randn(*shape, dtype=torch.float64)
+    out = PyramidSampling(sizes)(x)
+    assert out.shape == (shape[0], shape[1], sum(s * s for s in sizes))
+    torch.testing.assert_close(out, reference(x, sizes))
+
+
+def test_channels_last_input():
+    x = torch.randn(2, 8, 13, 17)
+    out = PyramidSampling()(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, reference(x, (1, 3, 6, 8)), atol=1e-6, rtol=1e-5)
+
+
+def test_num_anchors_and_gradient():
+    sample = PyramidSampling((1, 3, 6, 8))
+    assert sample.num_anchors == 110
+    x = torch.randn(1, 2, 10, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(sample, (x,))
+
+
+@pytest.mark.parametrize("sizes", [(), (0, 3), (1.5,), (-1,)])
+def test_bad_sizes_are_rejected(sizes):
+    with pytest.raises(ValueError, match="pooling sizes"):
+        PyramidSampling(sizes)
+
+
+def test_training_after_inference_mode_at_the_same_size():
+    """Cached pooling matrices must not be inference tensors (Lightning validates under inference_mode)."""
+    sample = PyramidSampling((1, 2, 5))
+    with torch.inference_mode():
+        sample(torch.randn(1, 2, 31, 37))
+    x = torch.randn(1, 2, 31, 37, requires_grad=True)
+    sample(x).sum().backward()
+    assert x.grad is not None

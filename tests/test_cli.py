@@ -1,0 +1,51 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+from annseg.cli import main
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The installed ``annseg`` console script, as a user runs it."""
+    script = shutil.which("annseg", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    assert script, "the annseg console script is not installed: pip install -e ."
+    return subprocess.run([script, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands():
+    proc = run("--help")
+    assert proc.returncode == 0
+    assert "bench" in proc.stdout and "models" in proc.stdout
+
+
+def test_bench_blocks_quick_writes_results(tmp_path):
+    out = tmp_path / "bench"
+    proc = run("bench", "blocks", "--quick", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert [(c["block"], c["height"], c["width"]) for c in result["cases"]] == [
+        (b, h, w) for h, w in ((24, 24), (32, 32), (32, 64)) for b in ("nb", "apnb")
+    ]
+    assert all(c["time_ms"] > 0 and len(c["times_ms"]) == 3 for c in result["cases"])
+    assert result["machine"]["torch"] and result["machine"]["threads"] >= 1
+    assert "| [1,2048,32,64] |" in (out / "results.md").read_text()
+    assert "[6/6] apnb" in proc.stderr  # progress per case
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "blocks", "--sizes", "12"], "not HEIGHTxWIDTH"),
+    (["bench", "blocks", "--anchors", "1,0"], "anchor sizes"),
+    (["bench", "blocks", "--device", "cuda:x"], "--device"),
+    (["bench", "blocks", "--update-readme", "/nonexistent/README.md"], "does not exist"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    text = str(exit_info.value.code) + capsys.readouterr().err
+    assert message in text
