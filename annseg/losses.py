@@ -85,12 +85,8 @@ class ANNLoss(nn.Module):
         super().__init__()
         self.aux_weight = aux_weight
         self.ignore_index = ignore_index
-        self.main = (
-            OhemCrossEntropy(threshold, min_kept, ignore_index, class_weights)
-            if ohem
-            else OhemCrossEntropy(1.0, 0, ignore_index, class_weights)  # threshold 1 keeps every pixel
-        )
-        self.register_buffer("class_weights", _class_weights(class_weights), persistent=False)
+        # Without OHEM: threshold 1 and min_kept 0 keep every valid pixel (plain cross-entropy).
+        self.main = OhemCrossEntropy(threshold if ohem else 1.0, min_kept if ohem else 0, ignore_index, class_weights)
 
     def forward(self, outputs: Tensor | tuple[Tensor, Tensor], target: Tensor) -> Tensor:
         """``outputs``: main logits, or (main, aux) as the network returns in training mode."""
@@ -98,7 +94,7 @@ class ANNLoss(nn.Module):
         loss = self.main(main, target)
         if aux is not None and self.aux_weight:
             if (target != self.ignore_index).any():
-                aux_loss = F.cross_entropy(aux.float(), target, weight=self.class_weights, ignore_index=self.ignore_index)
+                aux_loss = F.cross_entropy(aux.float(), target, weight=self.main.class_weights, ignore_index=self.ignore_index)
             else:
                 aux_loss = aux.float().sum() * 0.0
             loss = loss + self.aux_weight * aux_loss
