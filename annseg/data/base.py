@@ -1,0 +1,199 @@
+"""The shared base of every dataset: file reading, pairing, id conversion and validation.
+
+A dataset subclass says only where its files are (``_images`` and ``_mask_candidates``) and how
+raw mask ids become train ids (``lut``); everything else -- checking the layout and pairs when
+built, decoding and checking each item when read -- happens here, the same way for all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class DataError(ValueError):
+    """Bad data on disk; message is one line naming the file (or folder) and what was expected."""
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode ``path``: Pillow decodes lazily, so a truncated file fails only here."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot read {what} ({error}); expected a complete PNG or JPEG file") from None
+    return image
+
+
+def read_image(path: Path) -> tv_tensors.Image:
+    """Read an image as uint8 (3, H, W) RGB, converting grayscale, palette, RGBA and 16-bit."""
+    image = _open(Path(path), "image")
+    if image.mode in _SIXTEEN_BIT_MODES:  # Pillow's convert() clips 16-bit values instead of scaling
+        wide = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
+    return tv_tensors.Image(pixels.permute(2, 0, 1).contiguous())
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read the raw integer ids (H, W) uint8 stored in a single-channel 'L' or 'P' PNG."""
+    mask = _open(Path(path), "mask")
+    if mask.mode not in ("L", "P"):
+        raise DataError(
+            f"{path}: mask has mode {mask.mode!r}; expected an 8-bit single-channel PNG (mode 'L' or 'P') "
+            "holding class ids -- convert colour or 16-bit masks to 8-bit id images first"
+        )
+    return np.array(mask, dtype=np.uint8)  # for 'P' these are the palette indices, i.e. the ids
+
+
+def make_lut(mapping: dict[int, int]) -> np.ndarray:
+    """A 256-entry raw id -> train id table; raw ids the mapping leaves out are invalid (-1)."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for raw, train in mapping.items():
+        lut[raw] = train
+    return lut
+
+
+def identity_lut(num_classes: int) -> np.ndarray:
+    """Masks that already hold train ids 0..K-1 with 255 as ignore."""
+    return make_lut({**{i: i for i in range(num_classes)}, IGNORE_INDEX: IGNORE_INDEX})
+
+
+def reduce_zero_lut(num_classes: int) -> np.ndarray:
+    """Masks whose 0 is 'other/background' (ignored) and 1..K the classes (ADE20K, PASCAL Context)."""
+    return make_lut({0: IGNORE_INDEX, **{i: i - 1 for i in range(1, num_classes + 1)}})
+
+
+def _short_list(items: list[Any], most: int = 10) -> str:
+    """``[a, b, ... 5 more]``: keeps error messages on one readable line."""
+    return str(items[:most])[:-1] + (f", ... {len(items) - most} more]" if len(items) > most else "]")
+
+
+class SegmentationDataset(Dataset):
+    """Base: subclasses find (image_path, mask_path) pairs and map raw mask ids to train ids.
+
+    ``dataset[i]`` is ``{"image": Image uint8 (3, H, W), "mask": Mask int64 (H, W), "name": str}``
+    with train ids 0..K-1 and ``ignore_index`` in the mask; ``name`` is the image path relative
+    to the split folder without its extension, used to name prediction outputs.
+    """
+
+    classes: tuple[str, ...] = ()  # class names, index = train id
+    palette: tuple[tuple[int, int, int], ...] = ()  # one RGB colour per class
+    ignore_index: int = IGNORE_INDEX
+    splits: tuple[str, ...] = ("train", "val")
+    layout: ClassVar[str] = "dataset"  # named in layout errors, e.g. "Cityscapes"
+    raw_ids: ClassVar[str] = ""  # which raw ids a mask may hold, named in id-range errors
+    lut: np.ndarray  # raw id -> train id, -1 for ids the dataset does not use
+
+    def __init__(self, root: str | Path, split: str, transforms: Callable | None = None) -> None:
+        self.root = Path(root)
+        if split not in self.splits:
+            raise DataError(f"unknown split {split!r} for {self.layout}; choose from {list(self.splits)}")
+        self.split = split
+        self.transforms = transforms
+        image_dir, images = self._images()
+        self.pairs: list[tuple[Path, Path]] = [(image, self._mask_for(image)) for image in images]
+        if not self.pairs:
+            raise DataError(f"{image_dir}: no images found for split {split!r}; expected {self.layout} images there")
+        self.names = [image.relative_to(image_dir).with_suffix("").as_posix() for image, _ in self.pairs]
+        if len(set(self.names)) < len(self.names):  # names name prediction files: they must differ
+            twice = sorted(name for name, count in Counter(self.names).items() if count > 1)
+            raise DataError(f"{image_dir}: images {_short_list(twice)} appear with two extensions; keep one of each")
+
+    # --- what a subclass provides -------------------------------------------------------------
+
+    def _images(self) -> tuple[Path, list[Path]]:
+        """The split's image folder (names are relative to it) and its images, sorted."""
+        raise NotImplementedError
+
+    def _mask_candidates(self, image: Path) -> Sequence[Path]:
+        """Where the image's mask may be, preferred first."""
+        raise NotImplementedError
+
+    def to_train_ids(self, raw: np.ndarray, mask_path: Path) -> np.ndarray:
+        """Raw ids (H, W) uint8 -> train ids (H, W) int64; -1 where a raw id is invalid."""
+        return self.lut[raw]
+
+    # --- shared helpers -----------------------------------------------------------------------
+
+    def _require(self, path: Path) -> Path:
+        """Fail early, naming the folder or file the layout needs, when root points elsewhere."""
+        if not path.exists():
+            raise DataError(f"expected {path} ({self.layout} layout); check that root points at the dataset folder")
+        return path
+
+    def _list_images(self, folder: Path, pattern: str = "*", suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+        """Image files under ``folder`` (searched recursively) matching ``pattern``, sorted."""
+        return sorted(p for p in self._require(folder).rglob(pattern) if p.suffix.lower() in suffixes and p.is_file())
+
+    def _mask_for(self, image: Path) -> Path:
+        candidates = self._mask_candidates(image)
+        for mask in candidates:
+            if mask.is_file():
+                return mask
+        expected = " or ".join(str(c) for c in candidates)
+        raise DataError(f"{image}: no mask found; expected {expected}")
+
+    # --- reading and checking -----------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """Decode and check item ``index`` without transforms: (image, mask of train ids)."""
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        raw = read_mask(mask_path)
+        if tuple(image.shape[-2:]) != raw.shape:
+            (h, w), (mh, mw) = image.shape[-2:], raw.shape
+            raise DataError(f"{image_path}: image is {w}x{h} but its mask {mask_path} is {mw}x{mh}; expected the same size")
+        train = self.to_train_ids(raw, mask_path)
+        bad = (train < 0) | ((train >= self.num_classes) & (train != self.ignore_index))
+        if bad.any():
+            raise DataError(
+                f"{mask_path}: ids {_short_list(np.unique(raw[bad]).tolist())} outside {self.raw_ids}; "
+                "fix the mask or use the dataset class that matches its ids"
+            )
+        return image, tv_tensors.Mask(torch.from_numpy(train))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.load(index)
+        if self.transforms is not None:
+            image, mask = self.transforms(image, mask)
+        return {"image": image, "mask": mask, "name": self.names[index]}
+
+    def check(self, progress: Callable[[int, int], None] | None = None) -> list[DataError]:
+        """Read every item and return the problems found (empty: all good), one per bad item.
+
+        ``progress(done, total)`` is called after each item, e.g. to advance a progress bar.
+        """
+        errors = []
+        for index in range(len(self)):
+            try:
+                self.load(index)
+            except DataError as error:
+                errors.append(error)
+            if progress is not None:
+                progress(index + 1, len(self))
+        return errors
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, items={len(self)}, classes={self.num_classes})"
