@@ -164,7 +164,9 @@ class SegmentationDataset(Dataset):
         raw = read_mask(mask_path)
         if tuple(image.shape[-2:]) != raw.shape:
             (h, w), (mh, mw) = image.shape[-2:], raw.shape
-            raise DataError(f"{image_path}: image is {w}x{h} but its mask {mask_path} is {mw}x{mh}; expected the same size")
+            raise DataError(
+                f"{image_path}: image is {w}x{h} but its mask {mask_path} is {mw}x{mh}; expected the same size"
+            )
         train = self.to_train_ids(raw, mask_path)
         bad = (train < 0) | ((train >= self.num_classes) & (train != self.ignore_index))
         if bad.any():
@@ -196,4 +198,5 @@ class SegmentationDataset(Dataset):
         return errors
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, items={len(self)}, classes={self.num_classes})"
+        items = len(getattr(self, "pairs", ()))  # repr must work on a half-built dataset too (tracebacks)
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, items={items})"
