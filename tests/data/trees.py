@@ -6,7 +6,7 @@ the same size beside each mask; it returns the dataset root.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +36,13 @@ def write_mask(path: Path, ids: np.ndarray) -> Path:
     return path
 
 
-def _write_pairs(
-    masks: dict[str, np.ndarray], image_path: Callable[[str], Path], mask_path: Callable[[str], Path]
-) -> None:
+def _write_tree(root: Path, masks: dict[str, np.ndarray], image: str, mask: str) -> Path:
+    """Write each mask and an image of its size at ``root / image`` and ``root / mask``, where
+    ``{name}`` in those templates is the item's name."""
     for name, ids in masks.items():
-        write_image(image_path(name), *ids.shape)
-        write_mask(mask_path(name), ids)
+        write_image(root / image.format(name=name), *ids.shape)
+        write_mask(root / mask.format(name=name), ids)
+    return root
 
 
 def write_cityscapes(
@@ -50,37 +51,23 @@ def write_cityscapes(
     """``leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png`` + ``gtFine/.../{stem}_gtFine_{kind}.png``;
     names are ``city/stem``; ``kind`` is "labelIds" or "labelTrainIds"."""
     masks = {"aachen/aachen_000000_000019": stripes([7, 26])} if masks is None else masks
-    _write_pairs(
-        masks,
-        lambda name: root / "leftImg8bit" / split / f"{name}_leftImg8bit.png",
-        lambda name: root / "gtFine" / split / f"{name}_gtFine_{kind}.png",
-    )
-    return root
+    image, mask = f"leftImg8bit/{split}/{{name}}_leftImg8bit.png", f"gtFine/{split}/{{name}}_gtFine_{kind}.png"
+    return _write_tree(root, masks, image, mask)
 
 
 def write_ade20k(root: Path, folder: str = "training", masks: dict[str, np.ndarray] | None = None) -> Path:
     """ADEChallengeData2016: ``images/{folder}/{name}.jpg`` + ``annotations/{folder}/{name}.png``."""
     masks = {"ADE_train_00000001": stripes([0, 1, 150])} if masks is None else masks
-    _write_pairs(
-        masks,
-        lambda name: root / "images" / folder / f"{name}.jpg",
-        lambda name: root / "annotations" / folder / f"{name}.png",
-    )
-    return root
+    return _write_tree(root, masks, f"images/{folder}/{{name}}.jpg", f"annotations/{folder}/{{name}}.png")
 
 
 def write_pascal_context(root: Path, split: str = "train", masks: dict[str, np.ndarray] | None = None) -> Path:
     """``JPEGImages/{name}.jpg`` + ``SegmentationClassContext/{name}.png`` and the split's stem list."""
     masks = {"2008_000002": stripes([0, 1, 59])} if masks is None else masks
-    _write_pairs(
-        masks,
-        lambda name: root / "JPEGImages" / f"{name}.jpg",
-        lambda name: root / "SegmentationClassContext" / f"{name}.png",
-    )
     split_file = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
     split_file.parent.mkdir(parents=True, exist_ok=True)
     split_file.write_text("".join(f"{name}\n" for name in masks))
-    return root
+    return _write_tree(root, masks, "JPEGImages/{name}.jpg", "SegmentationClassContext/{name}.png")
 
 
 def write_folder(
@@ -92,10 +79,6 @@ def write_folder(
 ) -> Path:
     """``images/{split}/{name}{suffix}`` + ``masks/{split}/{name}.png`` and ``classes.txt``."""
     masks = {"a": stripes([0, 1, 255])} if masks is None else masks
-    _write_pairs(
-        masks,
-        lambda name: root / "images" / split / f"{name}{suffix}",
-        lambda name: root / "masks" / split / f"{name}.png",
-    )
+    root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text(classes)
-    return root
+    return _write_tree(root, masks, f"images/{split}/{{name}}{suffix}", f"masks/{split}/{{name}}.png")
