@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,8 +95,8 @@ class SegmentationDataset(Dataset):
     palette: tuple[tuple[int, int, int], ...] = ()  # one RGB colour per class
     ignore_index: int = IGNORE_INDEX
     splits: tuple[str, ...] = ("train", "val")
-    layout: ClassVar[str] = "dataset"  # named in layout errors, e.g. "Cityscapes"
-    raw_ids: ClassVar[str] = ""  # which raw ids a mask may hold, named in id-range errors
+    layout: str = "dataset"  # named in layout errors, e.g. "Cityscapes"
+    raw_ids: str = ""  # which raw ids a mask may hold, named in id-range errors
     lut: np.ndarray  # raw id -> train id, -1 for ids the dataset does not use
 
     def __init__(self, root: str | Path, split: str, transforms: Callable | None = None) -> None:
