@@ -79,7 +79,83 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--update-readme", type=Path, default=None, metavar="README",
                         help="also replace the benchmark table between the markers in this README")
     blocks.set_defaults(run=_cmd_bench_blocks)
+    _add_pipeline_commands(commands)
     return parser
+
+
+DEFAULT_RUN = Path("runs/default")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
+                        help="run config (default: the built-in dataset and a small ANN; see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set train.max_iters=1000 (repeatable)")
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
+                        help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt, what "
+                             "`annseg train` writes by default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the checkpoint's config, e.g. --set data.root=/data/cityscapes "
+                             "or --set eval.mode=slide")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode (config: eval.mode)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="test scales (config: eval.scales)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="add horizontally flipped views (config: eval.flip)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="train a model (default: the built-in dataset, a few minutes on a CPU)",
+        description="Train with SGD + poly lr on OHEM + 0.4 aux loss. Checkpoints, CSV/TensorBoard logs and the "
+        "final validation scores go to --out. Several GPUs or nodes: --devices N (and --num-nodes), or launch "
+        "with torchrun / srun, which Lightning detects.")
+    _add_config_arguments(train)
+    train.add_argument("--out", type=Path, default=None,
+                       help="run folder (default: runs/<config name>, runs/default without --config)")
+    train.add_argument("--resume", default=None, metavar="CKPT|latest",
+                       help="continue from a checkpoint; 'latest' = <out>/checkpoints/last.ckpt")
+    train.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (Lightning's names)")
+    train.add_argument("--devices", default="auto", help="devices per node: a number or auto")
+    train.add_argument("--num-nodes", type=_positive, default=1)
+    train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    train.set_defaults(run=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a split",
+        description="Evaluates on the checkpoint's dataset (override with --set data.root=...). Whole-image, "
+        "sliding-window and multi-scale + flip inference; writes the scores as JSON.")
+    _add_inference_arguments(evaluate)
+    evaluate.add_argument("--split", default=None, help="dataset split (default: the config's data.val_split)")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="scores JSON (default: eval-<split>.json beside the checkpoint's run folder)")
+    evaluate.set_defaults(run=_cmd_eval)
+
+    predict = commands.add_parser(
+        "predict", help="label PNGs and colour overlays for images or folders",
+        description="Writes <out>/<name>.png (class ids, with the class colours as palette) and "
+        "<out>/<name>_overlay.jpg, or with --format cityscapes the official Cityscapes label ids that the "
+        "benchmark server expects.")
+    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    _add_inference_arguments(predict)
+    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (predictions)")
+    predict.add_argument("--format", choices=("color", "cityscapes"), default="color",
+                         help="color: palette PNG + overlay; cityscapes: label-id PNGs for the test server")
+    predict.set_defaults(run=_cmd_predict)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: train on the built-in dataset, evaluate, write overlays (minutes on a CPU)",
+        description="Trains the default config (a small ANN on the generated dataset whose labels need "
+        "long-range context), evaluates it, writes overlays and prints the per-class table.")
+    _add_config_arguments(demo)
+    demo.add_argument("--variant", choices=("fcn", "nb", "apnb", "afnb", "ann"), default=None,
+                      help="network variant (default: the config's model.variant, ann)")
+    demo.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<variant>)")
+    demo.add_argument("--overlays", type=int, default=6, help="validation images to render (6)")
+    demo.set_defaults(run=_cmd_demo)
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -129,13 +205,172 @@ def _cmd_bench_blocks(args: argparse.Namespace) -> None:
         print(f"updated the benchmark table in {args.update_readme}")
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's banner lines and known third-party deprecation noise off the terminal."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    for pattern in (".*LeafSpec.*", ".*litlogger.*", ".*smaller than the logging interval.*",
+                    ".*does not have many workers.*", ".*weights_only.*", ".*sync_dist=True.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch sees no CUDA device")
+    return device
+
+
+def _run_folder(args: argparse.Namespace, prefix: str = "") -> Path:
+    if args.out is not None:
+        return args.out
+    return Path("runs") / (prefix + (args.config.stem if args.config is not None else "default"))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from annseg.engine import Hardware, dump_config, fit, format_table, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return
+    _quiet_lightning()
+    out = _run_folder(args)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    scores = fit(config, out, resume=args.resume,
+                 hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
+    if scores.get("world_size", 1) > 1:
+        print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
+    if scores.get("rank", 0) == 0:
+        print(format_table(scores))
+        print(f"checkpoints in {out / 'checkpoints'}, logs in {out / 'logs'}, scores in {out / 'metrics.json'}")
+
+
+def _inference_setup(args: argparse.Namespace):
+    """The checkpoint's model and config, with the command line's overrides applied."""
+    from annseg.engine import load_model
+    from annseg.engine.config import config_from_dict, parse_override, _merge
+
+    if not args.checkpoint.is_file() and args.checkpoint == DEFAULT_RUN / "checkpoints" / "last.ckpt":
+        raise FileNotFoundError(f"no checkpoint at {args.checkpoint}: run `annseg train` first, or name one "
+                                "with --checkpoint")
+    model, meta = load_model(args.checkpoint)
+    values = meta["config"].to_dict()
+    for text in args.overrides:
+        values = _merge(values, parse_override(text))
+    for key, value in (("mode", args.mode), ("scales", args.scales), ("flip", args.flip)):
+        if value is not None:
+            values["eval"][key] = value
+    config = config_from_dict(values)
+    return model, meta, config, _device(args.device)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from annseg.engine import format_table
+    from annseg.engine.builders import build_val_dataset
+    from annseg.engine.evaluate import evaluate
+
+    model, meta, config, device = _inference_setup(args)
+    split = args.split or config.data.val_split
+    dataset = build_val_dataset(config, split)
+    scores = evaluate(model, dataset, meta["classes"], config.eval, device=device,
+                      num_workers=config.data.num_workers,
+                      progress=lambda items: tqdm(items, desc=f"eval {split}", unit="img", file=sys.stderr))
+    out = args.out or args.checkpoint.parent.parent / f"eval-{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": str(args.checkpoint), "split": split, "eval": config.to_dict()["eval"], **scores}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(format_table(scores))
+    print(f"wrote {out}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from annseg.data import read_image
+    from annseg.data.transforms import Normalization
+    from annseg.engine.predict import find_images, overlay, palette_png, predict_labels
+
+    images = find_images(args.inputs)
+    model, meta, config, device = _inference_setup(args)
+    model.to(device)
+    if args.format == "cityscapes":
+        from annseg.data import cityscapes_label_ids
+
+        if len(meta["classes"]) != 19:
+            raise ValueError(f"--format cityscapes needs a 19-class Cityscapes model; {args.checkpoint} "
+                             f"has {len(meta['classes'])} classes")
+    normalization = Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
+        image = read_image(path)
+        labels = predict_labels(model, image, len(meta["classes"]), normalization, config.eval, device).numpy()
+        if args.format == "cityscapes":
+            from PIL import Image
+
+            Image.fromarray(cityscapes_label_ids(labels).astype("uint8")).save(args.out / f"{path.stem}.png")
+        else:
+            palette_png(labels, meta["palette"]).save(args.out / f"{path.stem}.png")
+            overlay(image.permute(1, 2, 0).numpy(), labels, meta["palette"]).save(args.out / f"{path.stem}_overlay.jpg")
+    print(f"wrote {len(images)} prediction(s) to {args.out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    from annseg.engine import fit, format_table, load_config
+    from annseg.engine.builders import build_dataset
+    from annseg.engine.checkpoint import load_model
+    from annseg.data.transforms import Normalization
+    from annseg.engine.predict import comparison_sheet, predict_labels
+
+    overrides = list(args.overrides) + ([f"model.variant={args.variant}"] if args.variant else [])
+    config = load_config(args.config, overrides)
+    out = args.out or Path("runs") / f"demo-{config.model.variant}"
+    _quiet_lightning()
+    start = time.perf_counter()
+    fit(config, out)
+    seconds = time.perf_counter() - start
+    model, meta = load_model(out / "checkpoints" / "last.ckpt")
+    raw = build_dataset(config.data, config.data.val_split, None, config.data.val_length)
+    normalization = Normalization(config.data.mean, config.data.std)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    for index in range(min(args.overlays, len(raw))):
+        item = raw[index]
+        labels = predict_labels(model, item["image"], len(meta["classes"]), normalization, config.eval).numpy()
+        truth = item["mask"].numpy()
+        sheet = comparison_sheet(item["image"].permute(1, 2, 0).numpy(), truth, labels, meta["palette"])
+        sheet.save(out / "overlays" / f"{item['name']}.png")
+    scores = json.loads((out / "metrics.json").read_text())
+    scores["train_seconds"] = round(seconds, 1)
+    (out / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
+    print(f"\n{config.model.name} on the built-in dataset, {config.train.max_iters} iterations in {seconds:.0f} s")
+    print(format_table(scores))
+    print(f"overlays (image | truth | prediction) in {out / 'overlays'}, scores in {out / 'metrics.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except KeyboardInterrupt:
         raise SystemExit("annseg: interrupted")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"annseg: error: {error}")
 
 

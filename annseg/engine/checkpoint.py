@@ -1,0 +1,72 @@
+"""Checkpoints: written atomically, read back into a ready model with its metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+from annseg.engine.builders import build_model
+from annseg.engine.config import ConfigError, config_from_dict
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``path`` through a temporary file in the same folder, then renames it.
+
+    A rename is atomic on POSIX file systems, so a job killed while saving leaves the previous
+    checkpoint intact and at worst a stray ``.tmp`` file, never a half-written checkpoint.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
+                         "it may be truncated or not a torch checkpoint") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "annseg" not in checkpoint:
+        raise ValueError(f"checkpoint {path} is not an annseg training checkpoint (no 'state_dict' / 'annseg' entry)")
+    return checkpoint
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network of an annseg checkpoint (eval mode, CPU) and its metadata.
+
+    Metadata: ``config`` (a Config), ``classes``, ``palette``, ``normalization``.
+    """
+    checkpoint = read_checkpoint(path)
+    meta = dict(checkpoint["annseg"])
+    try:
+        meta["config"] = config_from_dict(meta["config"])
+    except ConfigError as error:
+        raise ValueError(f"checkpoint {path} holds a config this annseg cannot read: {error}") from None
+    model = build_model(meta["config"].model, len(meta["classes"]), load_backbone_weights=False)
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit its model {meta['config'].model.name}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), meta

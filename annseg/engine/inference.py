@@ -1,0 +1,116 @@
+"""Test-time inference: whole image, sliding windows, multi-scale and flip (PAPER.md: test).
+
+Every path returns raw logits (B, K, H, W) at the input's size. Multi-scale and flip sum the
+logits of each view after resizing them back to the original size, as the authors' code does
+(the argmax equals that of their mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from annseg.engine.config import EvalConfig
+
+
+def _forward(model: nn.Module, images: Tensor) -> Tensor:
+    logits = model(images)
+    return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows of size ``min(crop, length)`` that cover ``0..length``.
+
+    Windows step by ``stride``; the last one is aligned to the end, so every pixel is covered
+    and no window leaves the image.
+    """
+    if crop < 1 or stride < 1:
+        raise ValueError(f"crop and stride must be positive, got crop={crop}, stride={stride}")
+    if stride > crop:
+        raise ValueError(f"stride {stride} is larger than the crop {crop}: windows would leave gaps")
+    crop = min(crop, length)
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [min(i * stride, length - crop) for i in range(count)]
+
+
+def slide_logits(
+    model: nn.Module, images: Tensor, num_classes: int, crop_size: Sequence[int], stride: Sequence[int], batch_size: int = 1
+) -> Tensor:
+    """Logits from overlapping ``crop_size`` windows, averaged where they overlap.
+
+    Windows run ``batch_size`` at a time, so memory stays bounded by one batch of windows plus
+    the (B, K, H, W) sums, whatever the image size.
+    """
+    batch, _, height, width = images.shape
+    crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
+    boxes = [(top, left) for top in window_starts(height, crop_size[0], stride[0])
+             for left in window_starts(width, crop_size[1], stride[1])]
+    logits = images.new_zeros(batch, num_classes, height, width, dtype=torch.float32)
+    count = images.new_zeros(1, 1, height, width, dtype=torch.float32)
+    for index in range(0, len(boxes), batch_size):
+        chunk = boxes[index: index + batch_size]
+        crops = torch.cat([images[:, :, t: t + crop_h, l: l + crop_w] for t, l in chunk])
+        out = _forward(model, crops).float().split(batch)
+        for (top, left), window in zip(chunk, out):
+            logits[:, :, top: top + crop_h, left: left + crop_w] += window
+            count[:, :, top: top + crop_h, left: left + crop_w] += 1
+    return logits / count
+
+
+@torch.inference_mode()
+def infer(
+    model: nn.Module,
+    images: Tensor,
+    num_classes: int,
+    *,
+    mode: Literal["whole", "slide"] = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    short_side: int | None = None,
+    batch_size: int = 1,
+) -> Tensor:
+    """Logits (B, K, H, W) for normalised ``images`` (B, 3, H, W), summed over scales and flips.
+
+    ``short_side``: scale 1 means the image resized so that its short side is this long (the
+    ADE20K protocol); None means its own size. ``model`` must be in eval mode and return
+    logits at its input's size.
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"unknown inference mode {mode!r}; choose 'whole' or 'slide'")
+    if mode == "slide" and (crop_size is None or stride is None):
+        raise ValueError("sliding-window inference needs crop_size and stride")
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    height, width = images.shape[-2:]
+    align_corners = getattr(model, "align_corners", False)
+    total = images.new_zeros(images.shape[0], num_classes, height, width, dtype=torch.float32)
+    base = 1.0 if short_side is None else short_side / min(height, width)
+    for scale in (base * s for s in scales):
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = images if size == (height, width) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=align_corners)
+        for flipped in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if flipped else scaled
+            if mode == "slide":
+                logits = slide_logits(model, view, num_classes, crop_size, stride, batch_size)  # type: ignore[arg-type]
+            else:
+                logits = _forward(model, view).float()
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=align_corners)
+            total += logits
+    return total
+
+
+def infer_with(model: nn.Module, images: Tensor, num_classes: int, settings: EvalConfig) -> Tensor:
+    """``infer`` with the test-time settings of a run's ``eval`` config."""
+    return infer(model, images, num_classes, mode=settings.mode, crop_size=settings.crop_size, stride=settings.stride,
+                 scales=settings.scales, flip=settings.flip, short_side=settings.short_side,
+                 batch_size=settings.batch_size)

@@ -1,0 +1,125 @@
+"""The LightningModule: a built network trained with SGD + poly lr on the ANN loss."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from annseg.engine.metrics import SegmentationMetrics
+from annseg.losses import ANNLoss
+
+
+def poly_factor(step: int, max_iters: int, power: float) -> float:
+    """Poly schedule: lr = base * (1 - step / max_iters) ** power, 0 from max_iters on."""
+    return (1.0 - min(step, max_iters) / max_iters) ** power
+
+
+class PolyLR(torch.optim.lr_scheduler.LambdaLR):
+    """Poly learning rate per iteration (PAPER.md: Training); a class so that it pickles."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9) -> None:
+        self.max_iters, self.power = max_iters, power
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        return poly_factor(step, self.max_iters, self.power)
+
+
+def _numpy_state_to_tensors(state: tuple) -> tuple:
+    """numpy's RNG state with its key array as a tensor: checkpoints stay loadable with weights_only."""
+    name, keys, position, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
+
+
+def _numpy_state_from_tensors(state: tuple) -> tuple:
+    name, keys, position, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), position, has_gauss, cached
+
+
+class SegmentationModule(L.LightningModule):
+    """Trains and validates a given segmentation network (it does not build one).
+
+    The network returns (main, aux) logits in training mode and main logits in eval mode.
+    ``meta`` (config, class names, palette, normalisation) is stored in every checkpoint so
+    that ``annseg eval`` / ``predict`` rebuild the model from the checkpoint alone. The
+    RNG states travel with the checkpoint too, so a resumed run draws the same dropout masks
+    as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: ANNLoss,
+        *,
+        class_names: Sequence[str],
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        max_iters: int = 60_000,
+        power: float = 0.9,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.class_names = list(class_names)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.max_iters, self.power = max_iters, power
+        self.meta = meta or {}
+        self.val_metrics = SegmentationMetrics(len(self.class_names), loss.ignore_index)
+        self.val_scores: dict | None = None
+        self._restored_rng: dict | None = None
+
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return self.model(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.loss(self.model(batch["image"]), batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_metrics.update(self.model(batch["image"]), batch["mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_scores = self.val_metrics.compute_scores(self.class_names)
+        self.val_metrics.reset()
+        self.log("val/mIoU", self.val_scores["mIoU"], prog_bar=True, sync_dist=False)
+        self.log("val/aAcc", self.val_scores["aAcc"], sync_dist=False)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        scheduler = PolyLR(optimizer, self.max_iters, self.power)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["annseg"] = self.meta
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state_to_tensors(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied when training starts: Lightning's own set-up after loading must not shift it.
+        self._restored_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        if self._restored_rng is None:
+            return
+        state, self._restored_rng = self._restored_rng, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+        random.setstate(state["python"])

@@ -1,0 +1,118 @@
+"""One training run: config -> Lightning Trainer -> checkpoints, logs and final validation."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from annseg import __version__
+from annseg.engine.builders import build_model, build_val_dataset
+from annseg.engine.checkpoint import AtomicCheckpointIO
+from annseg.engine.config import Config, ConfigError, dump_config
+from annseg.engine.datamodule import SegmentationDataModule
+from annseg.engine.module import SegmentationModule
+from annseg.losses import ANNLoss
+
+
+@dataclass
+class Hardware:
+    """Where the run executes; Lightning reads torchrun / SLURM variables to join the job."""
+
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+
+
+def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
+    """``--resume``: a checkpoint path, or ``latest`` for ``<out>/checkpoints/last.ckpt``."""
+    if resume is None:
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if resume == "latest" else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
+    return path
+
+
+def build_module(config: Config) -> SegmentationModule:
+    """The network, loss and optimiser settings of ``config``, with the metadata to rebuild them."""
+    dataset = build_val_dataset(config)
+    classes, palette = list(dataset.classes), [list(c) for c in dataset.palette]  # type: ignore[attr-defined]
+    train = config.train
+    if train.class_weights is not None and len(train.class_weights) != len(classes):
+        raise ConfigError(f"train.class_weights has {len(train.class_weights)} values for {len(classes)} classes")
+    loss = ANNLoss(train.aux_weight, train.ohem_threshold, train.ohem_min_kept,
+                   class_weights=train.class_weights, ohem=train.ohem)
+    meta = {"config": config.to_dict(), "classes": classes, "palette": palette,
+            "normalization": {"mean": list(config.data.mean), "std": list(config.data.std)},
+            "annseg_version": __version__}
+    return SegmentationModule(
+        build_model(config.model, len(classes)), loss, class_names=classes, lr=train.lr, momentum=train.momentum,
+        weight_decay=train.weight_decay, max_iters=train.max_iters, power=train.power, meta=meta,
+    )
+
+
+def fit(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    resume: str | None = None,
+    hardware: Hardware = Hardware(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config`` into ``out_dir``; returns the final validation scores (every rank).
+
+    ``out_dir`` receives ``config.yaml``, ``checkpoints/`` (``iter_NNNNNN.ckpt`` every
+    ``train.checkpoint_every`` iterations and ``last.ckpt``), ``logs/`` (CSV and TensorBoard)
+    and ``metrics.json``.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = resolve_resume(resume, out_dir)
+    train = config.train
+    L.seed_everything(train.seed, workers=True, verbose=False)
+    module = build_module(config)
+    distributed = hardware.num_nodes > 1 or (isinstance(hardware.devices, int) and hardware.devices > 1)
+    on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
+    checkpoints = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="iter_{step:06d}", every_n_train_steps=train.checkpoint_every,
+        save_top_k=-1, save_last=True, auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        accelerator=hardware.accelerator, devices=hardware.devices, num_nodes=hardware.num_nodes,
+        strategy="ddp" if distributed else "auto",
+        sync_batchnorm=distributed and on_gpu,  # torch's SyncBatchNorm is CUDA-only; CPU ranks keep local BN
+        precision=train.precision, max_steps=train.max_iters, max_epochs=-1,
+        accumulate_grad_batches=train.accumulate, val_check_interval=train.val_every * train.accumulate,
+        check_val_every_n_epoch=None, log_every_n_steps=train.log_every, num_sanity_val_steps=0,
+        deterministic="warn" if train.deterministic else False, use_distributed_sampler=False,
+        callbacks=[checkpoints, *([TQDMProgressBar()] if progress else [])],
+        logger=[CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="")],
+        plugins=[AtomicCheckpointIO()], default_root_dir=out_dir, enable_model_summary=False,
+        enable_progress_bar=progress,
+    )
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(config))
+    datamodule = SegmentationDataModule(config)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+    if module.val_scores is None or trainer.global_step % train.val_every:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    scores = module.val_scores or {}
+    scores = {**scores, "iterations": trainer.global_step, "rank": trainer.global_rank, "world_size": trainer.world_size}
+    if trainer.is_global_zero:
+        _write_json(out_dir / "metrics.json", scores)
+    return scores
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)

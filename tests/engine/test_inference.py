@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+from annseg.engine.inference import infer, slide_logits, window_starts
+from annseg.models import create_model
+
+
+class PixelModel(nn.Module):
+    """A per-pixel model (1x1 conv): sliding windows must reproduce whole-image logits exactly."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Counter(nn.Module):
+    """Logit 1 everywhere it is run: the sums show how often each pixel was covered."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0], 1, *x.shape[-2:])
+
+
+@pytest.fixture
+def ann() -> nn.Module:
+    return create_model("ann_resnet18", num_classes=3, head_channels=16, key_channels=8, value_channels=8,
+                        aux_channels=8).eval()
+
+
+def test_one_window_covering_the_image_equals_whole(ann: nn.Module) -> None:
+    image = torch.randn(1, 3, 45, 61)
+    whole = infer(ann, image, 3)
+    slide = infer(ann, image, 3, mode="slide", crop_size=(64, 64), stride=(32, 32))
+    torch.testing.assert_close(slide, whole)
+
+
+@pytest.mark.parametrize(("length", "crop", "stride"), [(45, 16, 11), (100, 32, 32), (7, 16, 8), (33, 32, 1)])
+def test_windows_cover_every_pixel(length: int, crop: int, stride: int) -> None:
+    starts = window_starts(length, crop, stride)
+    size = min(crop, length)
+    covered = set()
+    for start in starts:
+        assert 0 <= start and start + size <= length
+        covered.update(range(start, start + size))
+    assert covered == set(range(length))
+
+
+def test_sliding_counts_and_per_pixel_equivalence() -> None:
+    image = torch.randn(2, 3, 45, 37)  # not divisible by the crop or the stride
+    counts = slide_logits(Counter(), image, 1, (16, 16), (11, 11), batch_size=3)
+    torch.testing.assert_close(counts, torch.ones(2, 1, 45, 37))  # averaged: every pixel seen, each once in total
+    model = PixelModel().eval()
+    torch.testing.assert_close(infer(model, image, 3, mode="slide", crop_size=(16, 16), stride=(11, 11), batch_size=4),
+                               infer(model, image, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_flip_inference_is_flip_equivariant(ann: nn.Module) -> None:
+    image = torch.randn(1, 3, 40, 56)
+    logits = infer(ann, image, 3, flip=True, scales=(0.75, 1.0))
+    flipped = infer(ann, image.flip(-1), 3, flip=True, scales=(0.75, 1.0))
+    torch.testing.assert_close(flipped, logits.flip(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_multiscale_sums_views_at_full_size(ann: nn.Module) -> None:
+    image = torch.randn(1, 3, 40, 56)
+    both = infer(ann, image, 3, scales=(0.5, 1.0))
+    assert both.shape == (1, 3, 40, 56)
+    half = infer(ann, image, 3, scales=(0.5,))
+    torch.testing.assert_close(both, half + infer(ann, image, 3))
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="stride 20 is larger than the crop 16"):
+        window_starts(40, 16, 20)
+    with pytest.raises(ValueError, match="needs crop_size and stride"):
+        infer(PixelModel(), torch.randn(1, 3, 8, 8), 3, mode="slide")
+    with pytest.raises(ValueError, match="unknown inference mode"):
+        infer(PixelModel(), torch.randn(1, 3, 8, 8), 3, mode="tiles")  # type: ignore[arg-type]
