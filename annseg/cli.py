@@ -131,7 +131,8 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     _add_inference_arguments(evaluate)
     evaluate.add_argument("--split", default=None, help="dataset split (default: the config's data.val_split)")
     evaluate.add_argument("--out", type=Path, default=None,
-                          help="scores JSON (default: eval-<split>.json beside the checkpoint's run folder)")
+                          help="scores JSON (default: <run folder>/eval-<split>.json, the run folder being the one "
+                               "that holds checkpoints/)")
     evaluate.set_defaults(run=_cmd_eval)
 
     predict = commands.add_parser(
@@ -231,6 +232,11 @@ def _device(name: str):
     return device
 
 
+def _refresh_rate() -> int:
+    """Progress bar refresh: every iteration on a terminal, every 50 in a log file (batch jobs)."""
+    return 1 if sys.stderr.isatty() else 50
+
+
 def _run_folder(args: argparse.Namespace, prefix: str = "") -> Path:
     if args.out is not None:
         return args.out
@@ -247,7 +253,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _quiet_lightning()
     out = _run_folder(args)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    scores = fit(config, out, resume=args.resume,
+    scores = fit(config, out, resume=args.resume, progress=_refresh_rate(),
                  hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
     if scores.get("world_size", 1) > 1:
         print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
@@ -290,7 +296,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     scores = evaluate(model, dataset, meta["classes"], config.eval, device=device,
                       num_workers=config.data.num_workers,
                       progress=lambda items: tqdm(items, desc=f"eval {split}", unit="img", file=sys.stderr))
-    out = args.out or args.checkpoint.parent.parent / f"eval-{split}.json"
+    folder = args.checkpoint.parent
+    run_folder = folder.parent if folder.name == "checkpoints" else folder
+    out = args.out or run_folder / f"eval-{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(args.checkpoint), "split": split, "eval": config.to_dict()["eval"], **scores}
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -344,7 +352,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / f"demo-{config.model.variant}"
     _quiet_lightning()
     start = time.perf_counter()
-    fit(config, out)
+    fit(config, out, progress=_refresh_rate())
     seconds = time.perf_counter() - start
     model, meta = load_model(out / "checkpoints" / "last.ckpt")
     raw = build_dataset(config.data, config.data.val_split, None, config.data.val_length)
@@ -357,7 +365,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         sheet = comparison_sheet(item["image"].permute(1, 2, 0).numpy(), truth, labels, meta["palette"])
         sheet.save(out / "overlays" / f"{item['name']}.png")
     scores = json.loads((out / "metrics.json").read_text())
-    scores["train_seconds"] = round(seconds, 1)
+    import torch
+
+    from annseg.bench.machine import cpu_name
+
+    scores.update(model=config.model.name, train_seconds=round(seconds, 1), command="annseg " + shlex.join(sys.argv[1:]),
+                  torch=torch.__version__, threads=torch.get_num_threads(), machine=cpu_name())
     (out / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"\n{config.model.name} on the built-in dataset, {config.train.max_iters} iterations in {seconds:.0f} s")
     print(format_table(scores))

@@ -30,3 +30,18 @@ def test_python_api_example_runs():
     assert namespace["main"].shape == namespace["aux"].shape == (2, 19, 129, 129)
     assert namespace["logits"].shape == (1, 19, 256, 512)
     assert torch.isfinite(namespace["loss"])
+
+
+def test_demo_table_matches_the_committed_demo_runs():
+    """The FCN-vs-ANN figures in the README are those of benchmarks/demo/*.json (from `annseg demo`)."""
+    import json
+
+    table = README.split("<!-- annseg demo: start -->", 1)[1].split("<!-- annseg demo: end -->", 1)[0]
+    runs = sorted((ROOT / "benchmarks" / "demo").glob("*.json"))
+    assert {p.stem for p in runs} >= {"fcn", "ann"}
+    for path in runs:
+        scores = json.loads(path.read_text())
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{path.stem}` |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        expected = [f"{100 * scores['IoU'][name]:.1f}" for name in ("background", "beacon", "object_red", "object_blue")]
+        assert cells[1] == f"{100 * scores['mIoU']:.1f}" and cells[2:6] == expected, (row, path)

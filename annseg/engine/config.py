@@ -250,4 +250,14 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 def dump_config(config: Config) -> str:
     """The config as YAML, as ``annseg train --print-config`` shows it."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings, one-line lists: ``crop_size: [769, 769]`` as people write configs."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+_Dumper.add_representer(dict, lambda dumper, data: dumper.represent_mapping(
+    "tag:yaml.org,2002:map", data, flow_style=bool(data) and all(not isinstance(v, (dict, list)) for v in data.values())
+    and len(data) <= 4))

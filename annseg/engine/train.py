@@ -65,13 +65,14 @@ def fit(
     *,
     resume: str | None = None,
     hardware: Hardware = Hardware(),
-    progress: bool = True,
+    progress: int = 1,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; returns the final validation scores (every rank).
 
     ``out_dir`` receives ``config.yaml``, ``checkpoints/`` (``iter_NNNNNN.ckpt`` every
     ``train.checkpoint_every`` iterations and ``last.ckpt``), ``logs/`` (CSV and TensorBoard)
-    and ``metrics.json``.
+    and ``metrics.json``. ``progress``: refresh the progress bar every this many iterations
+    (0 = no bar; a large value keeps batch-job logs short).
     """
     out_dir = Path(out_dir)
     ckpt_path = resolve_resume(resume, out_dir)
@@ -92,10 +93,10 @@ def fit(
         accumulate_grad_batches=train.accumulate, val_check_interval=train.val_every * train.accumulate,
         check_val_every_n_epoch=None, log_every_n_steps=train.log_every, num_sanity_val_steps=0,
         deterministic="warn" if train.deterministic else False, use_distributed_sampler=False,
-        callbacks=[checkpoints, *([TQDMProgressBar()] if progress else [])],
+        callbacks=[checkpoints, *([TQDMProgressBar(refresh_rate=progress)] if progress else [])],
         logger=[CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="")],
         plugins=[AtomicCheckpointIO()], default_root_dir=out_dir, enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=progress > 0,
     )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)

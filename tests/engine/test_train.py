@@ -17,7 +17,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     config = load_config(None, TINY)
-    scores = fit(config, tmp_path / "full", progress=False)
+    scores = fit(config, tmp_path / "full", progress=0)
     full = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in full.iterdir()) == ["iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"]
     assert scores["iterations"] == 4 and 0.0 <= scores["mIoU"] <= 1.0
@@ -27,7 +27,7 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     # A run stopped after iteration 2 (its checkpoint is the same file), resumed in a fresh Trainer.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "iter_000002.ckpt", tmp_path / "cut" / "checkpoints" / "last.ckpt")
-    fit(config, tmp_path / "cut", resume="latest", progress=False)
+    fit(config, tmp_path / "cut", resume="latest", progress=0)
     resumed, expected = _weights(tmp_path / "cut" / "checkpoints" / "last.ckpt"), _weights(full / "last.ckpt")
     assert resumed.keys() == expected.keys()
     for key in expected:
@@ -44,7 +44,7 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
 def test_resume_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="last.ckpt does not exist"):
-        fit(load_config(None, TINY), tmp_path, resume="latest", progress=False)
+        fit(load_config(None, TINY), tmp_path, resume="latest", progress=0)
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.ckpt cannot be read"):
@@ -64,3 +64,12 @@ def test_data_order_is_a_function_of_the_position() -> None:
 def test_poly_schedule() -> None:
     assert poly_factor(0, 100, 0.9) == 1.0 and poly_factor(100, 100, 0.9) == 0.0 and poly_factor(200, 100, 0.9) == 0.0
     assert abs(poly_factor(50, 100, 0.9) - 0.5**0.9) < 1e-12
+
+
+def test_bf16_autocast_with_gradient_accumulation(tmp_path: Path) -> None:
+    config = load_config(None, [*TINY, "train.precision=bf16-mixed", "train.accumulate=2", "train.max_iters=2",
+                                "train.checkpoint_every=2", "train.val_every=2"])
+    scores = fit(config, tmp_path, progress=0)
+    checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert scores["iterations"] == 2 and checkpoint["global_step"] == 2  # 4 micro-batches, 2 optimizer steps
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
