@@ -29,6 +29,10 @@ def _bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torc
         return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
 
 
+def _uncached_bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
+
+
 def _averaging_matrix(length: int, sizes: tuple[int, ...]) -> Tensor:
     rows = []
     for size in sizes:
@@ -62,8 +66,10 @@ class PyramidSampling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        rows = _bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
-        cols = _bins(W, self.sizes, x.device, x.dtype)  # (T, W)
+        # torch.compile bakes the bins into its graph as constants; eager calls use the cache.
+        bins = _uncached_bins if torch.compiler.is_compiling() else _bins
+        rows = bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
+        cols = bins(W, self.sizes, x.device, x.dtype)  # (T, W)
         pooled_w = torch.matmul(x, cols.t())  # (B, C, H, T): every level's column bins, one pass
         # (B, C, T, T): column bin j of one level against row bin i of any level; the diagonal
         # blocks (same level) are the pooled cells. Small: T * T values per channel.
