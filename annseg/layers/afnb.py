@@ -76,6 +76,7 @@ class AFNB(nn.Module):
             key, anchor_values = project_together(to_tokens(low), self.key, self.value)
         anchor_keys = self.sample(to_map(key, *low.shape[-2:])).transpose(1, 2)  # (B, S, Ck)
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
+        del query, key, anchor_keys, anchor_values  # free them before the wide output is built
         if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map
             return to_map(self.folded(context, high_tokens), H, W)
         out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init

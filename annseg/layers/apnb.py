@@ -83,6 +83,7 @@ class APNB(nn.Module):
         else:
             anchor_values = projected.pop(0)  # (B, N, Cv): every position is an anchor
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
+        del query, key, anchor_keys, anchor_values  # free them before the wide output is built
         if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map
             return to_map(self.folded(context, tokens), H, W)
         out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init

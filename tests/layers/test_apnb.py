@@ -21,6 +21,14 @@ def test_matches_plain_reference(shape, share, fused):
         torch.testing.assert_close(block(x), reference.apnb(block, x, (1, 3, 6, 8)), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sizes", [(1,), (1, 2), (1, 3, 6, 8, 12)])
+def test_other_pooling_sizes_match_plain_reference(sizes):
+    block = make(sizes=sizes)
+    x = torch.randn(2, 12, 13, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference.apnb(block, x, sizes), atol=1e-5, rtol=1e-4)
+
+
 def test_attention_part_alone():
     block = make(fusion=False)
     assert block.fuse is None
