@@ -154,9 +154,12 @@ def render_markdown(result: dict) -> str:
     fused = any(c.get("fused") for c in result["cases"])
     precision = "fp32"
     if result["machine"]["device"].startswith("cuda"):
-        tf32 = [name for name, key in (("matmuls", "cuda_matmul_tf32"), ("cuDNN convolutions", "cudnn_conv_tf32"))
-                if any(c.get(key) for c in result["cases"])]
-        precision += f" (TF32 in {' and '.join(tf32)})" if tf32 else " (no TF32)"
+        flags = (("matmuls", "cuda_matmul_tf32"), ("cuDNN convolutions", "cudnn_conv_tf32"))
+        tf32 = [name for name, key in flags if any(c.get(key) for c in result["cases"])]
+        if not any(key in c for c in result["cases"] for _, key in flags):
+            precision += " (torch's default TF32 flags, not recorded by this run)"
+        else:
+            precision += f" (TF32 in {' and '.join(tf32)})" if tf32 else " (no TF32)"
     lines = [
         f"Whole network, forward, eval mode, {precision}, batch 1, 19 classes{', blocks fused for inference' if fused else ''}; "
         f"latency is the median of {result['repeats']} runs. Parts from separate passes with synchronising hooks: "
