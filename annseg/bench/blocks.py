@@ -241,23 +241,24 @@ def render_markdown(result: dict) -> str:
     anchor_sets = list(dict.fromkeys(tuple(c["sizes"]) for c in cases if c["block"] == "apnb"))
     main = primary_anchors(anchor_sets) if anchor_sets else PAPER_ANCHORS
     table = [c for c in cases if c["block"] != "apnb" or tuple(c["sizes"]) == main]
+    trained = any("train_time_ms" in c for c in cases)
+    keys = ("time_ms", "peak_mib", "train_time_ms", "train_peak_mib")[: 4 if trained else 2]
     lines = [
         f"Attention part (projections, attention, W), fp32, batch 1, Ck = Cv = {cases[0]['key_channels']}, "
         f"anchors {_sizes(main)}; median of {result['repeats']} runs after {result['warmup']} warm-up. "
-        f"Forward in eval mode; training = forward + backward (input and parameter gradients). "
+        f"Forward in eval mode{'; training = forward + backward (input and parameter gradients)' if trained else ''}. "
         f"x: how many times faster / lighter than nb-plain. {machine_line(result)}",
         "",
         "| input | block | S | GMACs | forward (ms) | x | forward peak (MiB) | x "
-        "| training (ms) | x | training peak (MiB) | x |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + ("| training (ms) | x | training peak (MiB) | x |" if trained else "|"),
+        "|---|---|---:|---:" + "|---:|---:" * len(keys) + "|",
     ]
     plain = {(c["channels"], c["height"], c["width"]): c for c in cases if c["block"] == "nb-plain"}
     for c in table:
         base = plain.get((c["channels"], c["height"], c["width"]), {})
         lines.append(
             f"| {_shape(c)} | {c['block']} | {c['anchors']} | {_gmacs(c)} "
-            + " ".join(f"| {_num(c, key)} | {_ratio(base, c, key)}"
-                       for key in ("time_ms", "peak_mib", "train_time_ms", "train_peak_mib"))
+            + " ".join(f"| {_num(c, key)} | {_ratio(base, c, key)}" for key in keys)
             + " |"
         )
     if len(anchor_sets) > 1:

@@ -166,12 +166,15 @@ def render_section(results: list[tuple[Path, dict]], plots: list[Path], root: Pa
 
 
 def update_readme_section(readme: Path, results_dir: Path) -> list[Path]:
-    """Draw the plots into ``results_dir/plots`` and rewrite the README's marked section."""
+    """Draw the plots into ``results_dir/plots``, re-render each results.md and rewrite the
+    README's marked section."""
     results = load_results(results_dir)
     if not results:
         raise FileNotFoundError(f"no results.json of `annseg bench` below {results_dir}")
+    for folder, result in results:  # each results.md in the current table format
+        (folder / "results.md").write_text(KINDS[result["kind"]](result))
     plots = plot(results, results_dir / "plots")
     root = readme.resolve().parent
     results = [(folder.resolve(), result) for folder, result in results]
-    blocks.update_readme(readme, render_section(results, [p.resolve() for p in plots], root))
+    blocks.update_readme(readme, render_section(results, sorted(p.resolve() for p in plots), root))
     return plots
