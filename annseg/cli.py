@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from annseg import __version__
+from annseg.bench.blocks import BLOCKS as BLOCK_NAMES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,29 +57,52 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     blocks = bench_commands.add_parser(
         "blocks",
-        help="NonLocal2d vs APNB, the paper's efficiency table",
-        description="Forward time, peak memory and multiply-accumulates of the attention part of "
-        "NonLocal2d and APNB on (1, C, H, W) inputs, each case in a fresh subprocess.",
+        help="plain NB vs NonLocal2d vs APNB vs AFNB: the paper's efficiency table, completed",
+        description="Forward and training (forward + backward) time, peak memory and "
+        "multiply-accumulates of the attention part of each block on (1, C, H, W) inputs, each "
+        "case in a fresh subprocess. --anchors with several sets sweeps APNB's pooling sizes.",
     )
     blocks.add_argument("--sizes", type=_size, nargs="+", metavar="HxW",
                         help="input sizes (default: the paper's 96x96 128x128 128x256)")
     blocks.add_argument("--quick", action="store_true",
-                        help="small sizes (24x24 32x32 32x64) and 3 repeats: a quick check in seconds")
-    blocks.add_argument("--blocks", nargs="+", choices=("nb", "apnb"), default=["nb", "apnb"])
+                        help="small sizes (24x24 32x32 32x64), 3 repeats, forward only: a quick check")
+    blocks.add_argument("--blocks", nargs="+", choices=list(BLOCK_NAMES), default=list(BLOCK_NAMES))
     blocks.add_argument("--channels", type=_positive, default=2048, help="input and output channels (2048)")
     blocks.add_argument("--key-channels", type=_positive, default=256, help="Ck (256)")
     blocks.add_argument("--value-channels", type=_positive, default=256, help="Cv (256)")
-    blocks.add_argument("--anchors", type=_anchor_sizes, default=(1, 3, 6, 8), metavar="S1,S2,...",
-                        help="APNB pooling sizes (1,3,6,8)")
-    blocks.add_argument("--repeats", type=_positive, default=None, help="timed runs per case (5; 3 with --quick)")
-    blocks.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
-    blocks.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch's default)")
-    blocks.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    blocks.add_argument("--out", type=Path, default=Path("bench-out/blocks"),
-                        help="folder for results.json and results.md (bench-out/blocks)")
-    blocks.add_argument("--update-readme", type=Path, default=None, metavar="README",
-                        help="also replace the benchmark table between the markers in this README")
+    blocks.add_argument("--anchors", type=_anchor_sizes, nargs="+", default=[(1, 3, 6, 8)], metavar="S1,S2,...",
+                        help="APNB pooling sizes (1,3,6,8); several sets sweep them, e.g. 1 1,2 1,3,6,8 1,2,3,6")
+    blocks.add_argument("--forward-only", action="store_true", help="skip the training (forward + backward) runs")
+    _add_run_options(blocks, "bench-out/blocks")
     blocks.set_defaults(run=_cmd_bench_blocks)
+
+    model = bench_commands.add_parser(
+        "model",
+        help="whole-network forward latency and peak memory, with each part's share of the time",
+        description="Forward latency and peak memory of named models (eval mode, batch 1) and "
+        "the share of time spent in the backbone, AFNB, APNB and the head, each model and size "
+        "in a fresh subprocess.",
+    )
+    model.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                       help="named models (default: the ResNet-101 ablation variants fcn, nb, apnb, afnb, ann)")
+    model.add_argument("--sizes", type=_size, nargs="+", metavar="HxW",
+                       help="image sizes (default: 512x1024 1024x2048 on a GPU, 256x512 512x1024 on the CPU)")
+    model.add_argument("--no-fuse", action="store_true",
+                       help="keep the blocks' BatchNorms and W unfolded (default: fuse_for_inference())")
+    model.add_argument("--tf32", action="store_true",
+                       help="CUDA matmuls in TF32, as cuDNN runs the backbone's convolutions by default")
+    _add_run_options(model, "bench-out/model")
+    model.set_defaults(run=_cmd_bench_model)
+
+    readme = bench_commands.add_parser(
+        "readme",
+        help="regenerate the README's efficiency section and plots from committed results",
+        description="Reads every results.json below --results, draws the plots into it and "
+        "replaces the text between the README's benchmark markers.",
+    )
+    readme.add_argument("--results", type=Path, default=Path("benchmarks"), help="results folder (benchmarks)")
+    readme.add_argument("--readme", type=Path, default=Path("README.md"), help="the README to update (README.md)")
+    readme.set_defaults(run=_cmd_bench_readme)
     _add_pipeline_commands(commands)
     return parser
 
@@ -168,42 +192,86 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>12,}")
 
 
-def _cmd_bench_blocks(args: argparse.Namespace) -> None:
+def _add_run_options(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--repeats", type=_positive, default=None,
+                        help="timed runs per case (20 on a GPU, the paper's protocol; 5 on the CPU; 3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch's default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"folder for results.json and results.md ({out})")
+
+
+def _device(args: argparse.Namespace) -> "torch.device":
     import torch
 
-    from annseg.bench.blocks import PAPER_SIZES, QUICK_SIZES, render_markdown, run_blocks, update_readme, write_results
+    from annseg.bench.blocks import resolve_device
 
-    if args.device != "auto":
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise SystemExit(f"annseg: error: --device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("annseg: error: --device cuda was asked for but torch sees no CUDA device")
-    if args.update_readme is not None and not args.update_readme.is_file():
-        raise SystemExit(f"annseg: error: --update-readme {args.update_readme} does not exist")
-    sizes = args.sizes or (QUICK_SIZES if args.quick else PAPER_SIZES)
-    repeats = args.repeats or (3 if args.quick else 5)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"annseg: error: --device {args.device!r} is not a device (auto, cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("annseg: error: --device cuda was asked for but torch sees no CUDA device")
+    return device
 
-    def report(index: int, total: int, case: dict) -> None:
-        shape = f"[1,{case['channels']},{case['height']},{case['width']}]"
-        status = case.get("error") or f"{case['time_ms']:9.1f} ms {case['peak_mib']:8.1f} MiB"
-        print(f"[{index}/{total}] {case['block']:<5} {shape:<18} {status}", file=sys.stderr, flush=True)
 
-    result = run_blocks(
-        sizes, blocks=args.blocks, channels=args.channels, key_channels=args.key_channels,
-        value_channels=args.value_channels, anchor_sizes=args.anchors, device=args.device,
-        repeats=repeats, warmup=args.warmup, threads=args.threads,
-        command="annseg " + shlex.join(sys.argv[1:]), on_case=report,
-    )
+def _report(index: int, total: int, case: dict) -> None:
+    name = case.get("block") or case.get("model")
+    shape = f"[1,{case['channels']},{case['height']},{case['width']}]" if "channels" in case else \
+        f"{case['height']}x{case['width']}"
+    status = case.get("error") or " ".join(
+        f"{label} {case[key]:9.1f} {unit}" for label, key, unit in
+        (("fwd", "time_ms", "ms"), ("", "peak_mib", "MiB"), ("train", "train_time_ms", "ms"),
+         ("", "train_peak_mib", "MiB")) if key in case)
+    print(f"[{index}/{total}] {name:<16} {shape:<18} {status}", file=sys.stderr, flush=True)
+
+
+def _finish(result, args: argparse.Namespace, write_results) -> None:
     json_path, md_path = write_results(result, args.out)
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
-    if args.update_readme is not None:
-        from dataclasses import asdict
 
-        update_readme(args.update_readme, render_markdown(asdict(result)))
-        print(f"updated the benchmark table in {args.update_readme}")
+
+def _cmd_bench_blocks(args: argparse.Namespace) -> None:
+    from annseg.bench.blocks import PAPER_SIZES, QUICK_SIZES, run_blocks, write_results
+
+    device = _device(args)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else PAPER_SIZES)
+    repeats = args.repeats or (3 if args.quick else 20 if device.type == "cuda" else 5)
+    result = run_blocks(
+        sizes, blocks=args.blocks, channels=args.channels, key_channels=args.key_channels,
+        value_channels=args.value_channels, anchor_sets=args.anchors, device=str(device),
+        repeats=repeats, warmup=args.warmup, threads=args.threads, train=not (args.forward_only or args.quick),
+        command="annseg " + shlex.join(sys.argv[1:]), on_case=_report,
+    )
+    _finish(result, args, write_results)
+
+
+def _cmd_bench_model(args: argparse.Namespace) -> None:
+    from annseg.bench.model import ABLATIONS, CPU_SIZES, GPU_SIZES, run_model, write_results
+    from annseg.models import list_models
+
+    device = _device(args)
+    models = args.models or list(ABLATIONS)
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        raise SystemExit(f"annseg: error: unknown model(s) {unknown}; choose from {list_models()}")
+    sizes = args.sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
+    repeats = args.repeats or (20 if device.type == "cuda" else 3)
+    result = run_model(models, sizes, device=str(device), repeats=repeats, warmup=args.warmup,
+                       threads=args.threads, fuse=not args.no_fuse, tf32=args.tf32,
+                       command="annseg " + shlex.join(sys.argv[1:]), on_case=_report)
+    _finish(result, args, write_results)
+
+
+def _cmd_bench_readme(args: argparse.Namespace) -> None:
+    from annseg.bench.report import update_readme_section
+
+    if not args.readme.is_file():
+        raise SystemExit(f"annseg: error: --readme {args.readme} does not exist")
+    for path in update_readme_section(args.readme, args.results):
+        print(f"wrote {path}")
+    print(f"updated the efficiency section of {args.readme}")
 
 
 def _quiet_lightning() -> None:
@@ -216,20 +284,6 @@ def _quiet_lightning() -> None:
     for pattern in (".*LeafSpec.*", ".*litlogger.*", ".*smaller than the logging interval.*",
                     ".*does not have many workers.*", ".*weights_only.*", ".*sync_dist=True.*"):
         warnings.filterwarnings("ignore", message=pattern)
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but torch sees no CUDA device")
-    return device
 
 
 def _refresh_rate() -> int:
@@ -278,7 +332,7 @@ def _inference_setup(args: argparse.Namespace):
         if value is not None:
             values["eval"][key] = value
     config = config_from_dict(values)
-    return model, meta, config, _device(args.device)
+    return model, meta, config, _device(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

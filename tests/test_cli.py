@@ -24,25 +24,38 @@ def test_help_lists_commands():
     assert "bench" in proc.stdout and "models" in proc.stdout
 
 
-def test_bench_blocks_quick_writes_results(tmp_path):
+def test_bench_blocks_writes_results(tmp_path):
     out = tmp_path / "bench"
-    proc = run("bench", "blocks", "--quick", "--out", str(out), cwd=tmp_path)
+    proc = run("bench", "blocks", "--sizes", "24x24", "32x16", "--channels", "64", "--blocks", "nb-plain", "apnb",
+               "--forward-only", "--repeats", "2", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "results.json").read_text())
     assert [(c["block"], c["height"], c["width"]) for c in result["cases"]] == [
-        (b, h, w) for h, w in ((24, 24), (32, 32), (32, 64)) for b in ("nb", "apnb")
+        (b, h, w) for h, w in ((24, 24), (32, 16)) for b in ("nb-plain", "apnb")
     ]
-    assert all(c["time_ms"] > 0 and len(c["times_ms"]) == 3 for c in result["cases"])
-    assert result["machine"]["torch"] and result["machine"]["threads"] >= 1
-    assert "| [1,2048,32,64] |" in (out / "results.md").read_text()
-    assert "[6/6] apnb" in proc.stderr  # progress per case
+    assert all(c["time_ms"] > 0 and len(c["times_ms"]) == 2 for c in result["cases"])
+    assert result["kind"] == "blocks" and result["machine"]["torch"] and result["machine"]["threads"] >= 1
+    assert "| [1,64,32,16] | apnb |" in (out / "results.md").read_text()
+    assert "[4/4] apnb" in proc.stderr  # progress per case
+
+
+def test_bench_model_writes_results_with_parts(tmp_path):
+    out = tmp_path / "model"
+    proc = run("bench", "model", "--models", "ann_resnet18", "--sizes", "64x96", "--repeats", "1",
+               "--threads", "1", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (case,) = json.loads((out / "results.json").read_text())["cases"]
+    assert case["model"] == "ann_resnet18" and case["fused"] and case["time_ms"] > 0
+    assert set(case["parts_ms"]) == {"backbone", "afnb", "apnb", "head"} and case["parts_ms"]["afnb"] > 0
+    assert "| 64x96 | ann_resnet18 |" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "blocks", "--sizes", "12"], "not HEIGHTxWIDTH"),
     (["bench", "blocks", "--anchors", "1,0"], "anchor sizes"),
     (["bench", "blocks", "--device", "cuda:x"], "--device"),
-    (["bench", "blocks", "--update-readme", "/nonexistent/README.md"], "does not exist"),
+    (["bench", "readme", "--readme", "/nonexistent/README.md"], "does not exist"),
+    (["bench", "model", "--models", "ann_resnet7"], "unknown model"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

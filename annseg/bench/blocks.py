@@ -1,31 +1,39 @@
-"""``annseg bench blocks``: the paper's efficiency table, NonLocal2d against APNB.
+"""``annseg bench blocks``: the paper's efficiency table, completed.
 
 What is measured follows the authors: the attention part of a block (projections,
-attention, W; no fusion conv) on a (1, 2048, H, W) map with Ck = Cv = 256, in eval mode.
-Each case runs in a fresh subprocess so that CPU peak memory is that case's alone:
-forward time is the median of ``repeats`` runs after ``warmup`` runs (CUDA events on a GPU),
-peak memory is measured above the baseline of the built block and its input.
-Multiply-accumulates are counted analytically (``count_macs``), matching what the code computes.
+attention, W; no fusion conv) on a (1, 2048, H, W) map with Ck = Cv = 256. Blocks: the plain
+non-local block the paper compares against (``nb-plain``), our NonLocal2d (``nb``), APNB and
+AFNB; forward (eval) and training (forward + backward). Each case and mode runs in a fresh subprocess
+so that CPU peak memory is that case's alone: time is the median of ``repeats`` runs after
+``warmup`` runs (CUDA events on a GPU), peak memory is measured above the baseline of the
+built block and its input. Multiply-accumulates are counted analytically (``count_macs``),
+matching what the code computes.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from annseg.bench.machine import PeakMemory, describe
-from annseg.layers import APNB, NonLocal2d
+from annseg.bench.runner import BenchResult, machine_line, run_worker, timed
+from annseg.layers import AFNB, APNB, NonLocal2d
 
-BLOCKS = ("nb", "apnb")
+BLOCKS: dict[str, str] = {  # name -> what it is, as the tables say
+    "nb-plain": "NonLocal2d as the paper measures it: separate query and key, plain bmm + softmax "
+                "(the N x N similarity map is materialised)",
+    "nb": "our NonLocal2d: shared query/key, key and value in one matmul, fused attention kernel",
+    "apnb": "APNB: pyramid anchors, values projected after pooling",
+    "afnb": "AFNB: queries from the (C)-channel map, keys and values from a (C/2)-channel one",
+}
+PAPER_ANCHORS = (1, 3, 6, 8)
 PAPER_SIZES = ((96, 96), (128, 128), (128, 256))
 QUICK_SIZES = ((24, 24), (32, 32), (32, 64))
 README_START = "<!-- annseg bench blocks: start -->"
@@ -34,7 +42,11 @@ README_END = "<!-- annseg bench blocks: end -->"
 
 @dataclass(frozen=True)
 class BlockCase:
-    """One measurement: a block on a (1, channels, height, width) input."""
+    """One measurement: a block on a (1, channels, height, width) input.
+
+    AFNB also reads a (1, channels // 2, height, width) low-level map (ResNet layer3 beside
+    layer4) and writes ``channels`` channels.
+    """
 
     block: str
     height: int
@@ -42,187 +54,247 @@ class BlockCase:
     channels: int = 2048
     key_channels: int = 256
     value_channels: int = 256
-    sizes: tuple[int, ...] = (1, 3, 6, 8)
+    sizes: tuple[int, ...] = PAPER_ANCHORS
     share_query_key: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r}; choose from {list(BLOCKS)}")
 
     def build(self, fused_attention: bool = True) -> nn.Module:
         """The block's attention part (no fusion), in eval mode."""
         options = dict(key_channels=self.key_channels, value_channels=self.value_channels,
-                       fusion=False, fused_attention=fused_attention,
-                       share_query_key=self.share_query_key)
-        if self.block == "nb":
-            return NonLocal2d(self.channels, **options).eval()
+                       fusion=False, fused_attention=fused_attention and not self.plain)
+        if self.block == "afnb":
+            return AFNB(self.channels // 2, self.channels, sizes=self.sizes, **options).eval()
+        options["share_query_key"] = self.shares_query_key
         if self.block == "apnb":
             return APNB(self.channels, sizes=self.sizes, **options).eval()
-        raise ValueError(f"unknown block {self.block!r}; choose from {list(BLOCKS)}")
+        return NonLocal2d(self.channels, **options).eval()
+
+    def inputs(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """Random inputs of the case's shapes: ``(x,)``, or ``(low, high)`` for AFNB."""
+        shape = (1, self.channels, self.height, self.width)
+        if self.block == "afnb":
+            return torch.randn(1, self.channels // 2, *shape[2:], device=device), torch.randn(shape, device=device)
+        return (torch.randn(shape, device=device),)
+
+    @property
+    def plain(self) -> bool:
+        """The paper's baseline: materialised attention, separate query and key."""
+        return self.block == "nb-plain"
+
+    @property
+    def shares_query_key(self) -> bool:
+        return self.share_query_key and not self.plain and self.block != "afnb"
 
     @property
     def anchors(self) -> int:
         """S: positions attended to (N for the non-local block)."""
-        return self.height * self.width if self.block == "nb" else sum(s * s for s in self.sizes)
+        return self.height * self.width if self.block.startswith("nb") else sum(s * s for s in self.sizes)
 
 
 def count_macs(case: BlockCase) -> dict[str, int]:
     """Multiply-accumulates of the attention part, by stage, as our code computes them.
 
-    The query shares the key projection unless ``share_query_key`` is off; values are
-    projected after pooling (S positions);
-    pyramid pooling is two matmuls per map (see ``PyramidSampling``); BN, ReLU, softmax and
-    bias additions are not counted.
+    The query shares the key projection where the block does; APNB and AFNB project values
+    after pooling (S positions); pyramid pooling is two matmuls per map (see
+    ``PyramidSampling``); BN, ReLU, softmax and bias additions are not counted.
     """
     C, Ck, Cv, H, W = case.channels, case.key_channels, case.value_channels, case.height, case.width
     N, S = H * W, case.anchors
+    C_kv = C // 2 if case.block == "afnb" else C  # the map keys and values are read from
     macs = {
-        "key_projection": N * C * Ck,
-        "query_projection": 0 if case.share_query_key else N * C * Ck,
-        "value_projection": S * C * Cv,
+        "key_projection": N * C_kv * Ck,
+        "query_projection": 0 if case.shares_query_key else N * C * Ck,
+        "value_projection": S * C_kv * Cv,
         "pooling": 0,
         "attention": N * S * (Ck + Cv),
         "output_projection": N * Cv * C,
     }
-    if case.block == "apnb":
+    if not case.block.startswith("nb"):
         T = sum(case.sizes)
-        macs["pooling"] = (Ck + C) * T * (H * W + H * T)  # the key map and the input
+        macs["pooling"] = (Ck + C_kv) * T * (H * W + H * T)  # the key map and the input
     macs["total"] = sum(macs.values())
     return macs
 
 
-def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, threads: int) -> dict[str, object]:
-    """Time and peak memory of one case in this process (run it in a fresh one)."""
+def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, threads: int,
+            train: bool = False) -> dict[str, object]:
+    """Time and peak memory of one case in this process (run it in a fresh one).
+
+    Forward: eval mode under ``inference_mode``. Training (``train``): train mode (batch
+    statistics), forward + backward of ``out.sum()`` with gradients for the parameters and
+    the input, as inside a network; its peak includes those gradients. One mode per process:
+    on the CPU, memory freed by earlier runs and kept by the allocator would hide a peak.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    block = case.build().to(device)
+    block = case.build().to(device).train(train)
     with torch.inference_mode():
-        block(torch.randn(1, case.channels, 8, 8, device=device))  # initialise kernels and pools
-        x = torch.randn(1, case.channels, case.height, case.width, device=device)
-        with PeakMemory(device) as memory:
-            out = block(x)
-        del out
-        for _ in range(warmup):
-            block(x)
-        times = [_time_forward(block, x, device) for _ in range(repeats)]
+        block.eval()(*BlockCase(case.block, 8, 8, case.channels).inputs(device))  # initialise kernels, pools
+    block.train(train)
+    inputs = case.inputs(device)
+    if train:
+        inputs = tuple(x.requires_grad_() for x in inputs)
+
+        def run() -> None:
+            block.zero_grad(set_to_none=True)
+            for x in inputs:
+                x.grad = None
+            block(*inputs).sum().backward()
+    else:
+        def run() -> None:
+            with torch.inference_mode():
+                block(*inputs)
+
+    with PeakMemory(device) as memory:
+        run()
+    times = timed(run, device, repeats, warmup)
+    prefix = "train_" if train else ""
     return {
-        "time_ms": statistics.median(times),
-        "times_ms": [round(t, 3) for t in times],
-        "peak_mib": memory.peak / 2**20,
+        f"{prefix}time_ms": statistics.median(times),
+        f"{prefix}times_ms": [round(t, 3) for t in times],
+        f"{prefix}peak_mib": memory.peak / 2**20,
         "memory_method": memory.method,
     }
 
 
-def _time_forward(block: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        block(x)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    start_s = time.perf_counter()
-    block(x)
-    return (time.perf_counter() - start_s) * 1000
+def plan_cases(
+    sizes: Sequence[tuple[int, int]],
+    blocks: Sequence[str] = tuple(BLOCKS),
+    anchor_sets: Sequence[tuple[int, ...]] = (PAPER_ANCHORS,),
+    **shape: int,
+) -> list[BlockCase]:
+    """Every block at every size; APNB once per anchor set (the sweep), AFNB at the main set."""
+    main = primary_anchors(anchor_sets)
+    cases = []
+    for h, w in sizes:
+        for block in blocks:
+            sets = anchor_sets if block == "apnb" else (main,)
+            cases += [BlockCase(block, h, w, sizes=tuple(a), **shape) for a in sets]
+    return cases
 
 
-@dataclass
-class BenchResult:
-    """Everything one ``annseg bench blocks`` run produced, as written to results.json."""
-
-    command: str
-    machine: dict[str, object]
-    repeats: int
-    warmup: int
-    cases: list[dict[str, object]] = field(default_factory=list)
+def primary_anchors(anchor_sets: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The anchor set of the main table: the paper's (1, 3, 6, 8) where swept, else the first."""
+    sets = [tuple(a) for a in anchor_sets]
+    return PAPER_ANCHORS if PAPER_ANCHORS in sets else sets[0]
 
 
 def run_blocks(
     sizes: Sequence[tuple[int, int]],
     *,
-    blocks: Sequence[str] = BLOCKS,
+    blocks: Sequence[str] = tuple(BLOCKS),
     channels: int = 2048,
     key_channels: int = 256,
     value_channels: int = 256,
-    anchor_sizes: tuple[int, ...] = (1, 3, 6, 8),
+    anchor_sets: Sequence[tuple[int, ...]] = (PAPER_ANCHORS,),
     device: str = "auto",
     repeats: int = 5,
     warmup: int = 1,
     threads: int | None = None,
+    train: bool = True,
     command: str = "",
     on_case: Callable[[int, int, dict[str, object]], None] | None = None,
 ) -> BenchResult:
-    """Measure every (size, block) pair, each in a fresh subprocess."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    """Measure every planned case, each in a fresh subprocess."""
+    dev = resolve_device(device)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)  # the matmul yardstick in describe() runs on these threads
-    result = BenchResult(command, describe(dev, threads), repeats, warmup)
-    cases = [BlockCase(b, h, w, channels, key_channels, value_channels, anchor_sizes)
-             for h, w in sizes for b in blocks]
+    result = BenchResult("blocks", command, describe(dev, threads), repeats, warmup)
+    cases = plan_cases(sizes, blocks, anchor_sets, channels=channels, key_channels=key_channels,
+                       value_channels=value_channels)
     for index, case in enumerate(cases, 1):
         record = {**asdict(case), "anchors": case.anchors, "macs": count_macs(case)}
-        record.update(_measure_in_subprocess(case, dev, repeats, warmup, threads))
+        for mode in (False, True) if train else (False,):
+            record.update(_measure_in_subprocess(case, dev, repeats, warmup, threads, mode))
         result.cases.append(record)
         if on_case is not None:
             on_case(index, len(cases), record)
     return result
 
 
-def _measure_in_subprocess(case: BlockCase, device: torch.device, repeats: int, warmup: int, threads: int) -> dict[str, object]:
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when torch sees a GPU, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _measure_in_subprocess(case: BlockCase, device: torch.device, repeats: int, warmup: int, threads: int,
+                           train: bool) -> dict[str, object]:
     request = json.dumps({"case": asdict(case), "device": str(device), "repeats": repeats,
-                          "warmup": warmup, "threads": threads})
-    proc = subprocess.run([sys.executable, "-m", "annseg.bench.blocks", request],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-        return {"error": "out of memory" if oom else last}
-    lines = proc.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if lines else {"error": "the worker printed no result"}
+                          "warmup": warmup, "threads": threads, "train": train})
+    return run_worker("annseg.bench.blocks", request)
 
 
 def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:
-    """Write results.json and results.md into ``out_dir``; return their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    md_path.write_text(render_markdown(asdict(result)))
-    return json_path, md_path
+    """Write results.json and results.md (the tables) into ``out_dir``; return their paths."""
+    return result.write(out_dir, render_markdown)
 
 
 def render_markdown(result: dict) -> str:
-    """The paper-style table (one row per input size) with the machine and the command."""
-    by_size: dict[tuple[int, int, int], dict[str, dict]] = {}
-    for case in result["cases"]:
-        by_size.setdefault((case["channels"], case["height"], case["width"]), {})[case["block"]] = case
-    m = result["machine"]
+    """The paper's table completed: every block at every size, forward and training, against
+    the plain non-local block; then the anchors sweep when there is one."""
+    cases = result["cases"]
+    anchor_sets = list(dict.fromkeys(tuple(c["sizes"]) for c in cases if c["block"] == "apnb"))
+    main = primary_anchors(anchor_sets) if anchor_sets else PAPER_ANCHORS
+    table = [c for c in cases if c["block"] != "apnb" or tuple(c["sizes"]) == main]
+    trained = any("train_time_ms" in c for c in cases)
+    keys = ("time_ms", "peak_mib", "train_time_ms", "train_peak_mib")[: 4 if trained else 2]
     lines = [
-        f"Attention part (projections, attention, W), fp32 forward, eval mode, batch 1, "
-        f"Ck = Cv = {result['cases'][0]['key_channels']}, median of {result['repeats']} runs. "
-        f"Device: {m['device_name']} ({m['device']}), {m['threads']} threads, torch {m['torch']}, "
-        f"4096x4096 fp32 matmul {m['matmul_4096_fp32_gflops']} GFLOP/s.",
+        f"Attention part (projections, attention, W), fp32, batch 1, Ck = Cv = {cases[0]['key_channels']}, "
+        f"anchors {_sizes(main)}; median of {result['repeats']} runs after {result['warmup']} warm-up. "
+        f"Forward in eval mode{'; training = forward + backward (input and parameter gradients)' if trained else ''}. "
+        f"x: how many times faster / lighter than nb-plain. {machine_line(result)}",
         "",
-        "| input | NB time (ms) | APNB time (ms) | speed-up | NB peak (MiB) | APNB peak (MiB) "
-        "| memory ratio | NB GMACs | APNB GMACs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| input | block | S | GMACs | forward (ms) | x | forward peak (MiB) | x "
+        + ("| training (ms) | x | training peak (MiB) | x |" if trained else "|"),
+        "|---|---|---:|---:" + "|---:|---:" * len(keys) + "|",
     ]
-    for (c, h, w), cases in by_size.items():
-        nb, apnb = cases.get("nb", {}), cases.get("apnb", {})
+    plain = {(c["channels"], c["height"], c["width"]): c for c in cases if c["block"] == "nb-plain"}
+    for c in table:
+        base = plain.get((c["channels"], c["height"], c["width"]), {})
         lines.append(
-            f"| [1,{c},{h},{w}] | {_num(nb, 'time_ms')} | {_num(apnb, 'time_ms')} "
-            f"| {_ratio(nb, apnb, 'time_ms')} | {_num(nb, 'peak_mib')} | {_num(apnb, 'peak_mib')} "
-            f"| {_ratio(nb, apnb, 'peak_mib')} | {_gmacs(nb)} | {_gmacs(apnb)} |"
+            f"| {_shape(c)} | {c['block']} | {c['anchors']} | {_gmacs(c)} "
+            + " ".join(f"| {_num(c, key)} | {_ratio(base, c, key)}" for key in keys)
+            + " |"
         )
+    if len(anchor_sets) > 1:
+        lines += [
+            "",
+            "APNB's anchors trade-off (pooling sizes -> S anchors): cost at each input size.",
+            "",
+            "| anchors | S | input | GMACs | forward (ms) | forward peak (MiB) | training (ms) | training peak (MiB) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for c in sorted((c for c in cases if c["block"] == "apnb"), key=lambda c: (c["anchors"], c["height"] * c["width"])):
+            lines.append(f"| {_sizes(c['sizes'])} | {c['anchors']} | {_shape(c)} | {_gmacs(c)} | "
+                         + " | ".join(_num(c, k) for k in ("time_ms", "peak_mib", "train_time_ms", "train_peak_mib"))
+                         + " |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _shape(case: dict) -> str:
+    return f"[1,{case['channels']},{case['height']},{case['width']}]"
+
+
+def _sizes(sizes: Sequence[int]) -> str:
+    return "(" + ",".join(str(s) for s in sizes) + ")"
 
 
 def _num(case: dict, key: str) -> str:
     if not case:
         return "-"
-    return case.get("error") or f"{case[key]:.0f}"
+    if "error" in case:
+        return case["error"]
+    return f"{case[key]:,.0f}" if key in case else "-"
 
 
 def _ratio(slow: dict, fast: dict, key: str) -> str:
-    if not slow or not fast or "error" in slow or "error" in fast or not fast[key]:
+    if not slow or slow is fast or "error" in slow or "error" in fast or not fast.get(key) or key not in slow:
         return "-"
     return f"{slow[key] / fast[key]:.1f}x"
 
@@ -244,7 +316,8 @@ def update_readme(readme: Path, markdown: str) -> None:
 def _worker(request_json: str) -> None:
     request = json.loads(request_json)
     case = BlockCase(**{**request["case"], "sizes": tuple(request["case"]["sizes"])})
-    record = measure(case, torch.device(request["device"]), request["repeats"], request["warmup"], request["threads"])
+    record = measure(case, torch.device(request["device"]), request["repeats"], request["warmup"],
+                     request["threads"], request["train"])
     print(json.dumps(record))
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from annseg.layers.apnb import fold_for_inference
 from annseg.layers.attention import attention
-from annseg.layers.conv import Projection, conv_bn_act, to_map, to_tokens
+from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_together, to_map, to_tokens
 from annseg.layers.pyramid import PyramidSampling
 
 
@@ -49,6 +50,7 @@ class AFNB(nn.Module):
         super().__init__()
         out_channels = high_channels if out_channels is None else out_channels
         self.fused_attention = fused_attention
+        self.folded: FoldedOutput | None = None
         self.query = Projection(high_channels, key_channels, bias=conv_bias)
         self.key = Projection(low_channels, key_channels, bias=conv_bias)
         self.value = Projection(low_channels, value_channels, norm=False, act=False)
@@ -64,13 +66,28 @@ class AFNB(nn.Module):
 
     def forward(self, low: Tensor, high: Tensor) -> Tensor:
         H, W = high.shape[-2:]
-        query = self.query(to_tokens(high))  # (B, N, Ck)
-        key = self.key(to_tokens(low))  # (B, N_low, Ck)
+        high_tokens = to_tokens(high)  # (B, N, C_high)
+        query = self.query(high_tokens)  # (B, N, Ck)
+        if isinstance(self.sample, PyramidSampling):
+            key = self.key(to_tokens(low))  # (B, N_low, Ck)
+            # Pool first, then project: exact, since sampling is linear and the projection affine.
+            anchor_values = self.value(self.sample(low).transpose(1, 2))  # (B, S, Cv)
+        else:  # every low-level position is an anchor: key and value in one matmul
+            key, anchor_values = project_together(to_tokens(low), self.key, self.value)
         anchor_keys = self.sample(to_map(key, *low.shape[-2:])).transpose(1, 2)  # (B, S, Ck)
-        # Pool first, then project: exact, since sampling is linear and the projection affine.
-        anchor_values = self.value(self.sample(low).transpose(1, 2))  # (B, S, Cv)
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
+        del query, key, anchor_keys, anchor_values  # free them before the wide output is built
+        if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map
+            return to_map(self.folded(context, high_tokens), H, W)
         out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init
         if self.fuse is None:
             return out
         return self.fuse(torch.cat([out, high], dim=1))
+
+    def fuse_for_inference(self) -> "AFNB":
+        """Fold every BatchNorm into its conv, and W into the fusion conv (eval mode only).
+
+        Exact up to rounding; the block can no longer be trained. Returns the block.
+        """
+        fold_for_inference(self)
+        return self

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from annseg.layers.attention import attention
-from annseg.layers.conv import Projection, conv_bn_act, to_map, to_tokens
+from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_together, to_map, to_tokens
 from annseg.layers.pyramid import PyramidSampling
 
 
@@ -30,6 +30,11 @@ class APNB(nn.Module):
             the attention part alone (what the paper's efficiency table measures).
         conv_bias: bias in convolutions followed by BatchNorm (the authors' code has one).
         fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
+
+    Projections that read the same input run as one wider matmul: query and key (when not
+    shared), and for the non-local block (``sizes=None``) the value too. With anchors the
+    value reads the S pooled positions instead, which costs S/N of a projection of all N.
+    ``fuse_for_inference()`` folds BatchNorms, W and the fusion conv into fewer matmuls.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class APNB(nn.Module):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.fused_attention = fused_attention
+        self.folded: FoldedOutput | None = None
         self.key = Projection(in_channels, key_channels, bias=conv_bias)
         self.query = None if share_query_key else Projection(in_channels, key_channels, bias=conv_bias)
         self.value = Projection(in_channels, value_channels, norm=False, act=False)
@@ -64,14 +70,53 @@ class APNB(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
         tokens = to_tokens(x)  # (B, N, C_in)
-        key = self.key(tokens)  # (B, N, Ck)
-        query = key if self.query is None else self.query(tokens)  # (B, N, Ck)
+        # Projections that read the same tokens, as one matmul; the query may be the key.
+        same_input = [self.key, self.query, None if self.pooled else self.value]
+        projected = project_together(tokens, *(p for p in same_input if p is not None))
+        key = projected.pop(0)  # (B, N, Ck)
+        query = key if self.query is None else projected.pop(0)  # (B, N, Ck)
         anchor_keys = self.sample(to_map(key, H, W)).transpose(1, 2)  # (B, S, Ck)
-        # Sampling is linear and the value projection affine, so pooling X first gives the
-        # same anchors as projecting all N positions, at S/N of the projection's cost.
-        anchor_values = self.value(self.sample(x).transpose(1, 2))  # (B, S, Cv)
+        if self.pooled:
+            # Sampling is linear and the value projection affine, so pooling X first gives the
+            # same anchors as projecting all N positions, at S/N of the projection's cost.
+            anchor_values = self.value(self.sample(x).transpose(1, 2))  # (B, S, Cv)
+        else:
+            anchor_values = projected.pop(0)  # (B, N, Cv): every position is an anchor
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
+        del query, key, anchor_keys, anchor_values  # free them before the wide output is built
+        if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map
+            return to_map(self.folded(context, tokens), H, W)
         out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init
         if self.fuse is None:
             return out
         return self.fuse(torch.cat([out, x], dim=1))
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the anchors are pyramid-pooled (APNB) rather than all positions (NB)."""
+        return isinstance(self.sample, PyramidSampling)
+
+    def fuse_for_inference(self) -> "APNB":
+        """Fold every BatchNorm into its conv, and W into the fusion conv (eval mode only).
+
+        Exact up to rounding; the block can no longer be trained. Returns the block.
+        """
+        fold_for_inference(self)
+        return self
+
+
+def fold_for_inference(block: nn.Module) -> None:
+    """Shared by APNB and AFNB: fold their key/query BNs, and W + fusion into ``folded``."""
+    if block.training:
+        raise RuntimeError(f"fuse_for_inference() folds BatchNorm running statistics; call "
+                           f"{type(block).__name__}.eval() first")
+    if block.folded is not None:
+        return
+    for projection in (block.key, block.query):
+        if projection is not None:
+            projection.fold_norm()
+    if block.fuse is None:
+        block.out.fold_norm()
+    else:
+        block.folded = FoldedOutput(block.out, block.fuse)
+        block.out = block.fuse = None

@@ -32,11 +32,20 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, fused: bool = True) 
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     if fused:
-        # (B, 1, N, C): one head. The CPU/CUDA kernels want a unit stride on the last axis.
-        q, k, v = (t.unsqueeze(1).contiguous() for t in (query, key, value))
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        # (B, 1, N, C): one head, in the dtype of the query (autocast may leave them apart).
+        q, k, v = (_dense(t.unsqueeze(1).to(query.dtype)) for t in (query, key, value))
         return F.scaled_dot_product_attention(q, k, v).squeeze(1)
     scale = query.shape[-1] ** -0.5
     similarity = torch.bmm(query, key.transpose(1, 2)) * scale  # (B, N, S)
     weights = similarity.softmax(dim=-1)
     return torch.bmm(weights, value.to(weights.dtype))  # (B, N, Cv)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` with row-major strides. ``contiguous()`` keeps odd strides on size-1 axes (one
+    anchor, S = 1), which CUDA's memory-efficient kernel rejects ("no kernel found")."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    return t if t.stride() == tuple(reversed(expected)) else t.clone(memory_format=torch.contiguous_format)

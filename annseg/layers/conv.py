@@ -10,6 +10,7 @@ no re-ordered copy of a large input. The weights still live in ``nn.Conv2d`` /
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,13 +52,88 @@ class Projection(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         weight = self.conv.weight.flatten(1)  # (C_out, C_in)
-        out = F.linear(tokens, weight, self.conv.bias)  # (B, N, C_out)
+        return self.finish(F.linear(tokens, weight, self.conv.bias))  # (B, N, C_out)
+
+    def finish(self, out: Tensor) -> Tensor:
+        """BatchNorm and ReLU on the conv's (B, N, C_out) output."""
         if self.bn is not None:
             # BatchNorm over channels: view tokens as a (B, C, N, 1) channels-last map (no copy).
             out = self.bn(out.unsqueeze(2).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).flatten(1, 2)
         if self.act is not None:
             out = self.act(out)
         return out
+
+    def fold_norm(self) -> None:
+        """Fold an eval-mode BatchNorm into the conv (``fuse_for_inference``): one matmul left."""
+        if self.bn is None:
+            return
+        weight, bias = fold_batchnorm(self.conv.weight.flatten(1), self.conv.bias, self.bn)
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, 1).to(weight.device)
+        with torch.no_grad():
+            conv.weight.copy_(weight[:, :, None, None])
+            conv.bias.copy_(bias)
+        self.conv, self.bn = conv, None
+
+
+def project_together(tokens: Tensor, *projections: Projection) -> list[Tensor]:
+    """Several projections of the same tokens as one wider matmul, then each one's BN/ReLU.
+
+    Reading a large (B, N, C_in) input once instead of once per projection: on the CPU a
+    2048 -> 512 matmul takes ~0.9x the time of two 2048 -> 256 ones.
+    """
+    if len(projections) == 1:
+        return [projections[0](tokens)]
+    weight = torch.cat([p.conv.weight.flatten(1) for p in projections])  # (sum C_out, C_in)
+    biases = [p.conv.bias for p in projections]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else weight.new_zeros(p.conv.out_channels)
+                          for b, p in zip(biases, projections)])
+    out = F.linear(tokens, weight, bias)  # (B, N, sum C_out)
+    parts = out.split([p.conv.out_channels for p in projections], dim=-1)
+    # A slice of the wide output is strided; BatchNorm wants it dense (a small copy).
+    return [p.finish(part if p.bn is None else part.contiguous()) for p, part in zip(projections, parts)]
+
+
+def fold_batchnorm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(C_out, C_in) weight and bias of ``bn(conv(x))`` as a single affine map, eval statistics."""
+    scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    bias = shift if bias is None else bias.double() * scale + shift
+    return (weight.double() * scale[:, None]).to(weight.dtype), bias.to(weight.dtype)
+
+
+class FoldedOutput(nn.Module):
+    """W and the fusion (concat[W(O), X] -> 1x1 conv -> BN -> ReLU) folded into one affine map.
+
+    Everything between the attention output O and the block's output is linear (eval mode),
+    so ``fuse(cat[W O + b, X]) = (F_o W) O + F_x X + c``: the fusion conv never reads the
+    C_out-channel W(O) and no concatenated map is built. For AFNB's 4096 -> 2048 fusion this
+    removes N x 2048 x 2048 multiply-accumulates, half the fusion's cost.
+    """
+
+    def __init__(self, out: Projection, fuse: nn.Sequential) -> None:
+        super().__init__()
+        conv, bn = fuse[0], fuse[1]
+        if conv.kernel_size != (1, 1) or not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"FoldedOutput folds a 1x1 conv + BatchNorm fusion, got {fuse}")
+        out.fold_norm()  # AFNB's optional BN after W
+        weight, bias = fold_batchnorm(conv.weight.flatten(1), conv.bias, bn)  # (C_out, C_w + C_in)
+        w_out, b_out = out.conv.weight.flatten(1).double(), out.conv.bias
+        f_o, f_x = weight.double().split([w_out.shape[0], weight.shape[1] - w_out.shape[0]], dim=1)
+        if b_out is not None:
+            bias = bias.double() + f_o @ b_out.double()
+        self.context_weight = nn.Parameter((f_o @ w_out).to(weight.dtype))  # (C_out, Cv)
+        self.input_weight = nn.Parameter(f_x.to(weight.dtype).contiguous())  # (C_out, C_in)
+        self.bias = nn.Parameter(bias.to(weight.dtype))
+        self.act = any(isinstance(m, nn.ReLU) for m in fuse)
+
+    def forward(self, context: Tensor, tokens: Tensor) -> Tensor:
+        """context (B, N, Cv), input tokens (B, N, C_in) -> (B, N, C_out)."""
+        out = F.linear(context, self.context_weight, self.bias)
+        weight = self.input_weight.t().to(out.dtype).expand(out.shape[0], -1, -1)
+        out = out.baddbmm_(tokens.to(out.dtype), weight)  # accumulate in place: no second map
+        return out.relu_() if self.act else out
 
 
 def conv_bn_act(

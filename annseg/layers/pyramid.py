@@ -29,6 +29,10 @@ def _bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torc
         return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
 
 
+def _uncached_bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
+
+
 def _averaging_matrix(length: int, sizes: tuple[int, ...]) -> Tensor:
     rows = []
     for size in sizes:
@@ -62,16 +66,26 @@ class PyramidSampling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        rows = _bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
-        cols = _bins(W, self.sizes, x.device, x.dtype)  # (T, W)
-        pooled_w = torch.matmul(x, cols.t())  # (B, C, H, T): every level's column bins, one pass
-        # (B, C, T, T): column bin j of one level against row bin i of any level; the diagonal
-        # blocks (same level) are the pooled cells. Small: T * T values per channel.
-        pooled = torch.matmul(pooled_w.transpose(2, 3), rows.t())
+        # torch.compile bakes the bins into its graph as constants; eager calls use the cache.
+        bins = _uncached_bins if torch.compiler.is_compiling() else _bins
+        rows = bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
+        cols = bins(W, self.sizes, x.device, x.dtype)  # (T, W)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # A projected key arrives as a channels-last view of (B, N, C) tokens: pool the
+            # (B, H, W, C) layout, C contiguous. torch.matmul on the NCHW view below would fall
+            # back to one tiny product per row: seconds instead of milliseconds at 96x96.
+            pooled_w = torch.matmul(cols, x.permute(0, 2, 3, 1))  # (B, H, T, C): column bins
+            pooled = torch.matmul(rows, pooled_w.flatten(2)).unflatten(2, (-1, C))  # (B, T, T, C)
+            pooled = pooled.permute(0, 3, 1, 2)  # (B, C, T, T)
+        else:
+            pooled_w = torch.matmul(x, cols.t())  # (B, C, H, T): every level's column bins, one pass
+            pooled = torch.matmul(rows, pooled_w)  # (B, C, T, T)
+        # pooled[..., i, j]: row bin i of one level against column bin j of any level; the
+        # diagonal blocks (same level) are the pooled cells. Small: T * T values per channel.
         anchors, start = [], 0
         for s in self.sizes:
-            level = pooled[..., start : start + s, start : start + s]  # (B, C, s_w, s_h)
-            anchors.append(level.transpose(2, 3).reshape(B, C, s * s))  # row-major, as flatten
+            level = pooled[..., start : start + s, start : start + s]  # (B, C, s_h, s_w)
+            anchors.append(level.reshape(B, C, s * s))  # row-major, as flatten
             start += s
         return torch.cat(anchors, dim=2)
 

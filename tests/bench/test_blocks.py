@@ -1,12 +1,11 @@
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from annseg.bench.blocks import README_END, README_START, BlockCase, count_macs, measure, render_markdown, update_readme
+from annseg.bench.blocks import (README_END, README_START, BlockCase, count_macs, measure, plan_cases,
+                                 render_markdown, update_readme)
 from annseg.bench.machine import PeakMemory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("case", [
     BlockCase("nb", 13, 21, channels=32, key_channels=8, value_channels=12),
+    BlockCase("nb-plain", 13, 21, channels=32, key_channels=8, value_channels=12),
+    BlockCase("afnb", 13, 21, channels=32, key_channels=8, value_channels=12),
+    BlockCase("afnb", 6, 5, channels=16, key_channels=8, value_channels=8, sizes=(1, 2)),
     BlockCase("apnb", 13, 21, channels=32, key_channels=8, value_channels=12),
     BlockCase("apnb", 5, 3, channels=16, key_channels=8, value_channels=8, sizes=(1, 2, 4)),
     BlockCase("apnb", 24, 40, channels=64),
@@ -21,15 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ])
 def test_analytic_macs_match_flop_counter(case):
     block = case.build(fused_attention=False)  # the reference path: plain bmm + softmax
-    x = torch.randn(1, case.channels, case.height, case.width)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        block(x)
+        block(*case.inputs())
     assert counter.get_total_flops() == 2 * count_macs(case)["total"]
 
 
 def test_paper_scale_macs():
     """PAPER.md: at [1,2048,128,256] NB ~ 618 G (attention ~ 550 G), APNB ~ 71 G."""
-    paper_nb = count_macs(BlockCase("nb", 128, 256, share_query_key=False))  # separate query, as counted there
+    paper_nb = count_macs(BlockCase("nb-plain", 128, 256))  # separate query, as counted there
     assert paper_nb["attention"] / 1e9 == pytest.approx(550, rel=0.01)
     assert paper_nb["total"] / 1e9 == pytest.approx(618, rel=0.01)
     # The paper also projects values at all N positions (~71 G in all); projecting after
@@ -48,17 +49,35 @@ def test_peak_memory_sees_an_allocation():
     assert idle.peak < 16 * 2**20
 
 
-def test_measure_reports_time_and_memory():
-    record = measure(BlockCase("apnb", 16, 16, channels=64), torch.device("cpu"), repeats=2, warmup=0, threads=1)
-    assert record["time_ms"] > 0 and len(record["times_ms"]) == 2 and record["peak_mib"] >= 0
+@pytest.mark.parametrize("block", ["apnb", "afnb", "nb-plain"])
+@pytest.mark.parametrize("train", [False, True])
+def test_measure_reports_time_and_memory(block, train):
+    case = BlockCase(block, 16, 16, channels=64)
+    record = measure(case, torch.device("cpu"), repeats=2, warmup=0, threads=1, train=train)
+    prefix = "train_" if train else ""
+    assert record[f"{prefix}time_ms"] > 0 and len(record[f"{prefix}times_ms"]) == 2
+    assert record[f"{prefix}peak_mib"] >= 0
 
 
-def test_readme_table_is_generated_from_committed_results():
-    result = json.loads((ROOT / "benchmarks" / "blocks-cpu" / "results.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split(README_START, 1)[1].split(README_END, 1)[0]
-    assert table.strip() == render_markdown(result).strip()
-    assert result["command"].startswith("annseg bench blocks")
+def test_plan_sweeps_anchors_for_apnb_only():
+    cases = plan_cases([(8, 8)], anchor_sets=[(1,), (1, 3, 6, 8), (1, 2)])
+    assert [(c.block, c.sizes) for c in cases] == [
+        ("nb-plain", (1, 3, 6, 8)), ("nb", (1, 3, 6, 8)), ("apnb", (1,)), ("apnb", (1, 3, 6, 8)),
+        ("apnb", (1, 2)), ("afnb", (1, 3, 6, 8))]
+    assert [c.anchors for c in cases] == [64, 64, 1, 110, 5, 110]
+    with pytest.raises(ValueError, match="unknown block"):
+        BlockCase("nl", 8, 8)
+
+
+def test_render_marks_ratios_against_the_plain_block():
+    case = dict(channels=8, height=4, width=4, key_channels=2, sizes=[1, 3, 6, 8], macs={"total": 10**9})
+    rows = [dict(case, block="nb-plain", anchors=16, time_ms=40.0, peak_mib=300.0),
+            dict(case, block="apnb", anchors=110, time_ms=10.0, peak_mib=10.0),
+            dict(case, block="apnb", anchors=1, sizes=[1], time_ms=5.0, peak_mib=10.0)]
+    machine = dict(device_name="cpu", device="cpu", threads=1, torch="x", matmul_4096_fp32_gflops=1.0)
+    text = render_markdown(dict(command="annseg bench blocks", machine=machine, repeats=1, warmup=0, cases=rows))
+    assert "| [1,8,4,4] | apnb | 110 | 1.0 | 10 | 4.0x | 10 | 30.0x |\n" in text  # no training columns
+    assert "| (1) | 1 | [1,8,4,4] |" in text  # the anchors sweep
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from annseg.layers import APNB, NonLocal2d
+from annseg.layers import APNB, NonLocal2d, conv
 from tests.layers import reference
 from tests.layers.reference import randomize
 
@@ -19,6 +19,14 @@ def test_matches_plain_reference(shape, share, fused):
     x = torch.randn(*shape)
     with torch.no_grad():
         torch.testing.assert_close(block(x), reference.apnb(block, x, (1, 3, 6, 8)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sizes", [(1,), (1, 2), (1, 3, 6, 8, 12)])
+def test_other_pooling_sizes_match_plain_reference(sizes):
+    block = make(sizes=sizes)
+    x = torch.randn(2, 12, 13, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference.apnb(block, x, sizes), atol=1e-5, rtol=1e-4)
 
 
 def test_attention_part_alone():
@@ -53,14 +61,17 @@ def test_output_projection_is_zero_at_init():
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_query_key_projection_runs_once(share):
-    block = make(share_query_key=share)
-    calls = {"key": 0, "query": 0}
-    block.key.register_forward_hook(lambda *_: calls.__setitem__("key", calls["key"] + 1))
-    if not share:
-        block.query.register_forward_hook(lambda *_: calls.__setitem__("query", calls["query"] + 1))
+@pytest.mark.parametrize("sizes", [(1, 3, 6, 8), None])
+def test_projections_of_the_same_input_are_one_matmul(monkeypatch, share, sizes):
+    """Key (+ query unless shared, + value for the non-local block) read X once, in one matmul."""
+    block = make(share_query_key=share, sizes=sizes)
+    widths = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(conv.F, "linear", lambda x, w, b=None: widths.append(tuple(w.shape)) or linear(x, w, b))
     block(torch.randn(1, 12, 6, 6))
-    assert calls == {"key": 1, "query": 0 if share else 1}
+    first = 6 * (1 if share else 2) + (5 if sizes is None else 0)  # Ck (+ Ck) (+ Cv)
+    assert widths[0] == (first, 12)
+    assert len(widths) == (2 if sizes is None else 3)  # + pooled value (APNB), + W
     assert (block.query is None) == share
 
 

@@ -64,3 +64,18 @@ def test_cuda_fused_equals_reference(dtype):
     reference = attention(q, k, v, fused=False)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fused.float(), reference, atol=tol, rtol=tol)
+
+
+def test_one_anchor_with_odd_strides():
+    """S = 1 (pooling size 1 alone): the pooled key arrives as a transposed (B, 1, Ck) view."""
+    q = torch.randn(2, 30, 8)
+    k, v = torch.randn(2, 8, 1).transpose(1, 2), torch.randn(2, 6, 1).transpose(1, 2)
+    torch.testing.assert_close(attention(q, k, v), v.expand(2, 30, 6))
+
+
+@CUDA
+def test_cuda_one_anchor():
+    """CUDA's memory-efficient kernel rejects size-1 axes with odd strides; the kernel must not."""
+    q = torch.randn(1, 300, 64, device="cuda")
+    k, v = (torch.randn(1, 64, 1, device="cuda").transpose(1, 2) for _ in range(2))
+    torch.testing.assert_close(attention(q, k, v), v.expand(1, 300, 64))

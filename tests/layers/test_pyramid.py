@@ -45,3 +45,11 @@ def test_training_after_inference_mode_at_the_same_size():
     x = torch.randn(1, 2, 31, 37, requires_grad=True)
     sample(x).sum().backward()
     assert x.grad is not None
+
+
+def test_channels_last_view_matches_contiguous():
+    """A projected key is a channels-last view of tokens; pooling must read it as such, exactly."""
+    tokens = torch.randn(2, 13 * 9, 7)
+    x = tokens.transpose(1, 2).unflatten(2, (13, 9))  # (2, 7, 13, 9), channels-last
+    sample = PyramidSampling((1, 3, 6, 8))
+    torch.testing.assert_close(sample(x), sample(x.contiguous()), atol=1e-6, rtol=1e-5)

@@ -1,0 +1,180 @@
+"""``annseg bench readme``: the README's efficiency section and plots, from committed results.
+
+Every number in that section comes from a results.json under ``benchmarks/``: the tables
+are rendered by the module that wrote the results, the plots are drawn from them, and the
+targets of issue 4 are checked against them here (time targets scaled by the machine's
+measured matmul speed), so that nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from annseg.bench import blocks, model
+
+KINDS = {"blocks": blocks.render_markdown, "model": model.render_markdown}
+REFERENCE_GFLOPS = 180.0  # the issue's 2-core reference machine: 4096x4096 fp32 matmul
+LARGEST = (2048, 128, 256)  # the paper's largest input, where the targets are set
+
+
+def load_results(folder: Path) -> list[tuple[Path, dict]]:
+    """Every results.json below ``folder``: blocks before models, the CPU before GPUs."""
+    found = [(p.parent, json.loads(p.read_text())) for p in sorted(folder.glob("*/results.json"))]
+    found = [(p, r) for p, r in found if r.get("kind") in KINDS]
+    return sorted(found, key=lambda pr: (list(KINDS).index(pr[1]["kind"]), pr[1]["machine"]["device"] != "cpu",
+                                         pr[0].name))
+
+
+@dataclass
+class Target:
+    """One line of the issue's targets, checked against a measurement."""
+
+    what: str
+    measured: float
+    limit: float
+    unit: str
+    at_most: bool = True
+
+    @property
+    def met(self) -> bool:
+        return self.measured <= self.limit if self.at_most else self.measured >= self.limit
+
+    def line(self) -> str:
+        sign = "<=" if self.at_most else ">="
+        verdict = "met" if self.met else f"**missed** by {abs(self.measured / self.limit - 1) * 100:.0f}%"
+        return f"| {self.what} | {self.measured:,.2f} {self.unit} | {sign} {self.limit:,.2f} {self.unit} | {verdict} |"
+
+
+def check_targets(results: list[tuple[Path, dict]]) -> list[Target]:
+    """The issue's targets, for every results file that measures them."""
+    targets: list[Target] = []
+    for folder, result in results:
+        machine = result["machine"]
+        where = f"{machine['device_name']} ({folder.name})"
+        if result["kind"] == "blocks":
+            cases = {c["block"]: c for c in result["cases"] if (c["channels"], c["height"], c["width"]) == LARGEST
+                     and (c["block"] != "apnb" or tuple(c["sizes"]) == blocks.PAPER_ANCHORS) and "error" not in c}
+            plain, nb, apnb = cases.get("nb-plain"), cases.get("nb"), cases.get("apnb")
+            if machine["device"] == "cpu":
+                scale = REFERENCE_GFLOPS / machine["matmul_4096_fp32_gflops"]
+                if apnb:
+                    targets += [Target(f"{where}: APNB forward time, [1,2048,128,256] (0.75 s scaled by "
+                                       f"{REFERENCE_GFLOPS:.0f} / {machine['matmul_4096_fp32_gflops']:.0f} GFLOP/s)",
+                                       apnb["time_ms"] / 1000, 0.75 * scale, "s"),
+                                Target(f"{where}: APNB forward peak memory", apnb["peak_mib"], 350, "MiB")]
+                if nb:
+                    targets.append(Target(f"{where}: NonLocal2d forward peak memory", nb["peak_mib"], 450, "MiB"))
+                if nb and plain:
+                    targets.append(Target(f"{where}: NonLocal2d forward speed-up over the plain block",
+                                          plain["time_ms"] / nb["time_ms"], 2, "x", at_most=False))
+            elif apnb and plain:
+                targets += [Target(f"{where}: APNB forward speed-up over the plain NB",
+                                   plain["time_ms"] / apnb["time_ms"], 6, "x", at_most=False),
+                            Target(f"{where}: APNB forward memory saving over the plain NB",
+                                   plain["peak_mib"] / apnb["peak_mib"], 28, "x", at_most=False)]
+        else:
+            for c in result["cases"]:
+                if c["model"] == "ann_resnet101" and "error" not in c:
+                    parts = c["parts_ms"]
+                    targets.append(Target(f"{where}: ann_resnet101 at {c['height']}x{c['width']}, AFNB + APNB "
+                                          f"time over the backbone's", 100 * (parts["afnb"] + parts["apnb"])
+                                          / parts["backbone"], 15, "%"))
+    return targets
+
+
+def plot(results: list[tuple[Path, dict]], out_dir: Path) -> list[Path]:
+    """Time and memory against input size for each block (forward and training, per device),
+    and APNB's cost against its number of anchors. PNG files in ``out_dir``."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ValueError("the plots need matplotlib: pip install 'annseg[bench]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    block_results = [(f, r) for f, r in results if r["kind"] == "blocks"]
+    scaling = [(f, r) for f, r in block_results if len({c["block"] for c in r["cases"]}) > 1]
+    written = []
+    if scaling:
+        fig, axes = plt.subplots(2, len(scaling), figsize=(5.5 * len(scaling), 8), squeeze=False)
+        for col, (folder, result) in enumerate(scaling):
+            for block in blocks.BLOCKS:
+                cases = [c for c in result["cases"] if c["block"] == block and "error" not in c
+                         and (block != "apnb" or tuple(c["sizes"]) == blocks.PAPER_ANCHORS)]
+                if not cases:
+                    continue
+                n = [c["height"] * c["width"] for c in cases]
+                for row, (key, unit) in enumerate((("time_ms", "time (ms)"), ("peak_mib", "peak memory (MiB)"))):
+                    ax = axes[row][col]
+                    line, = ax.plot(n, [c[key] for c in cases], "o-", label=f"{block} forward")
+                    if all(f"train_{key}" in c for c in cases):
+                        ax.plot(n, [c[f"train_{key}"] for c in cases], "s--", color=line.get_color(),
+                                label=f"{block} training")
+                    ax.set(xscale="log", yscale="log", xlabel="positions N = H x W (C = 2048)", ylabel=unit)
+            axes[0][col].set_title(f"{result['machine']['device_name']} ({folder.name})")
+            axes[0][col].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / "blocks-scaling.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+    sweeps = [(f, r) for f, r in block_results
+              if len({tuple(c["sizes"]) for c in r["cases"] if c["block"] == "apnb"}) > 1]
+    if sweeps:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for folder, result in sweeps:
+            largest = max((c["height"] * c["width"], c["height"], c["width"]) for c in result["cases"])[1:]
+            cases = sorted((c for c in result["cases"] if c["block"] == "apnb" and "error" not in c
+                            and (c["height"], c["width"]) == largest), key=lambda c: c["anchors"])
+            paper = next((c for c in cases if tuple(c["sizes"]) == blocks.PAPER_ANCHORS), cases[-1])
+            s = [c["anchors"] for c in cases]
+            for key, mode, style in (("time_ms", "forward", "o-"), ("train_time_ms", "training", "s--")):
+                if all(key in c for c in cases):
+                    axes[0].plot(s, [c[key] / paper[key] for c in cases], style,
+                                 label=f"{result['machine']['device_name']}, {mode}")
+            axes[1].plot(s, [c["macs"]["total"] / 1e9 for c in cases], "o-", color="gray")
+            for c in cases:
+                axes[1].annotate(blocks._sizes(c["sizes"]), (c["anchors"], c["macs"]["total"] / 1e9), fontsize=7)
+        axes[0].set(xlabel="anchors S", ylabel="time / time at (1,3,6,8)", ylim=(0, None))
+        axes[0].legend(fontsize=7)
+        axes[1].set(xlabel="anchors S", ylabel="GMACs (attention part)")
+        fig.suptitle(f"APNB at [1,2048,{largest[0]},{largest[1]}]: cost against the number of anchors")
+        fig.tight_layout()
+        written.append(out_dir / "anchors.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+    return written
+
+
+def render_section(results: list[tuple[Path, dict]], plots: list[Path], root: Path) -> str:
+    """The text between the README's markers: each result's table, the plots, the targets."""
+    parts = []
+    for folder, result in results:
+        title = "Blocks" if result["kind"] == "blocks" else "Whole network"
+        parts.append(f"#### {title}: {result['machine']['device_name']} (`{folder.relative_to(root).as_posix()}/`)\n")
+        parts.append(KINDS[result["kind"]](result))
+    for path in plots:
+        parts.append(f"![{path.stem}]({path.relative_to(root).as_posix()})\n")
+    targets = check_targets(results)
+    if targets:
+        parts += ["#### Targets (issue 4), checked against the results above\n",
+                  "| target | measured | limit | verdict |", "|---|---:|---:|---|",
+                  *(t.line() for t in targets), ""]
+    return "\n".join(parts)
+
+
+def update_readme_section(readme: Path, results_dir: Path) -> list[Path]:
+    """Draw the plots into ``results_dir/plots``, re-render each results.md and rewrite the
+    README's marked section."""
+    results = load_results(results_dir)
+    if not results:
+        raise FileNotFoundError(f"no results.json of `annseg bench` below {results_dir}")
+    for folder, result in results:  # each results.md in the current table format
+        (folder / "results.md").write_text(KINDS[result["kind"]](result))
+    plots = plot(results, results_dir / "plots")
+    root = readme.resolve().parent
+    results = [(folder.resolve(), result) for folder, result in results]
+    blocks.update_readme(readme, render_section(results, sorted(p.resolve() for p in plots), root))
+    return plots
