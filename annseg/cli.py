@@ -319,15 +319,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _inference_setup(args: argparse.Namespace):
     """The checkpoint's model and config, with the command line's overrides applied."""
     from annseg.engine import load_model
-    from annseg.engine.config import config_from_dict, parse_override, _merge
+    from annseg.engine.config import apply_overrides, config_from_dict
 
     if not args.checkpoint.is_file() and args.checkpoint == DEFAULT_RUN / "checkpoints" / "last.ckpt":
         raise FileNotFoundError(f"no checkpoint at {args.checkpoint}: run `annseg train` first, or name one "
                                 "with --checkpoint")
     model, meta = load_model(args.checkpoint)
-    values = meta["config"].to_dict()
-    for text in args.overrides:
-        values = _merge(values, parse_override(text))
+    values = apply_overrides(meta["config"].to_dict(), args.overrides)
     for key, value in (("mode", args.mode), ("scales", args.scales), ("flip", args.flip)):
         if value is not None:
             values["eval"][key] = value

@@ -51,7 +51,10 @@ def build_val_dataset(config: Config, split: str | None = None) -> Dataset:
     return build_dataset(data, split or data.val_split, eval_transforms(normalization(data)), data.val_length)
 
 
-_OPTION_TYPES = typing.get_type_hints(ANN.__init__)
+_OPTION_TYPES = {
+    name: hint for name, hint in typing.get_type_hints(ANN.__init__).items()
+    if name not in ("num_classes", "backbone", "backbone_weights", "variant", "return")
+}  # the ANN keywords a config's model.options may set; the rest come from the config itself
 
 
 def build_model(model: ModelConfig, num_classes: int, load_backbone_weights: bool = True) -> ANN:
@@ -62,9 +65,8 @@ def build_model(model: ModelConfig, num_classes: int, load_backbone_weights: boo
     """
     options = {}
     for key, value in model.options.items():
-        if key not in _OPTION_TYPES or key in ("num_classes", "backbone", "backbone_weights", "variant", "return"):
-            valid = sorted(set(_OPTION_TYPES) - {"num_classes", "backbone", "backbone_weights", "variant", "return"})
-            raise ConfigError(f"unknown model option model.options.{key}; valid options: {valid}")
+        if key not in _OPTION_TYPES:
+            raise ConfigError(f"unknown model option model.options.{key}; valid options: {sorted(_OPTION_TYPES)}")
         options[key] = convert(value, _OPTION_TYPES[key], f"model.options.{key}")
     weights = model.backbone_weights if load_backbone_weights else None
     return create_model(model.name, num_classes=num_classes, backbone_weights=weights, **options)

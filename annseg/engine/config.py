@@ -218,6 +218,13 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``values`` (a plain config dict) with each ``KEY=VALUE`` override merged in, in order."""
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The built-in default, updated by the YAML file at ``path`` and then by ``overrides``."""
     values: dict[str, Any] = Config().to_dict()
@@ -234,8 +241,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}")
             values = _merge(values, loaded)
-    for text in overrides:
-        values = _merge(values, parse_override(text))
+    values = apply_overrides(values, overrides)
     try:
         return _build(Config, values, "")
     except ConfigError as error:

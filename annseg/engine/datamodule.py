@@ -64,7 +64,8 @@ class IterationSampler(Sampler[int]):
             yield from range(first, first + self.batch_size)
 
 
-def _collate(items: list[dict]) -> dict:
+def collate(items: list[dict]) -> dict:
+    """Stack items into a batch (plain tensors); a clear error when image sizes differ."""
     sizes = {tuple(item["image"].shape[-2:]) for item in items}
     if len(sizes) > 1:
         raise ValueError(f"images of one batch differ in size {sorted(sizes)}: set data.val_batch_size: 1 "
@@ -95,7 +96,7 @@ class SegmentationDataModule(L.LightningDataModule):
         workers = self.config.data.num_workers
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
-            collate_fn=_collate, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            collate_fn=collate, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.config.train.seed),  # leaves the global RNG alone
         )
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from annseg.engine.config import EvalConfig
-from annseg.engine.datamodule import _collate
+from annseg.engine.datamodule import collate
 from annseg.engine.inference import infer_with
 from annseg.engine.metrics import SegmentationMetrics
 
@@ -32,7 +32,7 @@ def evaluate(
     """
     model = model.to(device).eval()
     metrics = SegmentationMetrics(len(class_names)).to(device)
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=collate)
     for batch in progress(loader):
         images = batch["image"].to(device)
         logits = infer_with(model, images, len(class_names), settings)

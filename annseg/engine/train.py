@@ -12,9 +12,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import Dataset
 
 from annseg import __version__
-from annseg.engine.builders import build_model, build_val_dataset
+from annseg.engine.builders import build_model
 from annseg.engine.checkpoint import AtomicCheckpointIO
 from annseg.engine.config import Config, ConfigError, dump_config
 from annseg.engine.datamodule import SegmentationDataModule
@@ -41,9 +42,11 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     return path
 
 
-def build_module(config: Config) -> SegmentationModule:
-    """The network, loss and optimiser settings of ``config``, with the metadata to rebuild them."""
-    dataset = build_val_dataset(config)
+def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
+    """The network, loss and optimiser settings of ``config``, with the metadata to rebuild them.
+
+    ``dataset`` gives the class names and palette (the run's validation set).
+    """
     classes, palette = list(dataset.classes), [list(c) for c in dataset.palette]  # type: ignore[attr-defined]
     train = config.train
     if train.class_weights is not None and len(train.class_weights) != len(classes):
@@ -78,7 +81,9 @@ def fit(
     ckpt_path = resolve_resume(resume, out_dir)
     train = config.train
     L.seed_everything(train.seed, workers=True, verbose=False)
-    module = build_module(config)
+    datamodule = SegmentationDataModule(config)
+    datamodule.setup("validate")  # the validation set names the classes; fit() reuses it
+    module = build_module(config, datamodule.val_set)
     distributed = hardware.num_nodes > 1 or (isinstance(hardware.devices, int) and hardware.devices > 1)
     on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
     checkpoints = ModelCheckpoint(
@@ -101,7 +106,6 @@ def fit(
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(config))
-    datamodule = SegmentationDataModule(config)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     if module.val_scores is None or trainer.global_step % train.val_every:
