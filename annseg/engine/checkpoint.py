@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from annseg import __version__
 from annseg.engine.builders import build_model
-from annseg.engine.config import ConfigError, config_from_dict
+from annseg.engine.config import Config, ConfigError, config_from_dict
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,6 +36,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+
+
+def model_meta(config: Config, classes: list[str], palette: list[list[int]]) -> dict[str, Any]:
+    """What a checkpoint carries besides weights, so that it alone rebuilds a ready model."""
+    return {"config": config.to_dict(), "classes": list(classes), "palette": [list(c) for c in palette],
+            "normalization": {"mean": list(config.data.mean), "std": list(config.data.std)},
+            "annseg_version": __version__}
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """An annseg checkpoint of ``model`` alone (no optimiser state), written atomically.
+
+    ``meta`` comes from ``model_meta``; ``load_model``, ``annseg eval`` and ``predict`` read
+    the file like a training checkpoint (converted and exported models use this).
+    """
+    state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    AtomicCheckpointIO().save_checkpoint({"state_dict": state, "annseg": meta}, path)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -14,9 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import Dataset
 
-from annseg import __version__
 from annseg.engine.builders import build_model
-from annseg.engine.checkpoint import AtomicCheckpointIO
+from annseg.engine.checkpoint import AtomicCheckpointIO, model_meta
 from annseg.engine.config import Config, ConfigError, dump_config
 from annseg.engine.datamodule import SegmentationDataModule
 from annseg.engine.module import SegmentationModule
@@ -53,9 +52,7 @@ def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
         raise ConfigError(f"train.class_weights has {len(train.class_weights)} values for {len(classes)} classes")
     loss = ANNLoss(train.aux_weight, train.ohem_threshold, train.ohem_min_kept,
                    class_weights=train.class_weights, ohem=train.ohem)
-    meta = {"config": config.to_dict(), "classes": classes, "palette": palette,
-            "normalization": {"mean": list(config.data.mean), "std": list(config.data.std)},
-            "annseg_version": __version__}
+    meta = model_meta(config, classes, palette)
     return SegmentationModule(
         build_model(config.model, len(classes)), loss, class_names=classes, lr=train.lr, momentum=train.momentum,
         weight_decay=train.weight_decay, max_iters=train.max_iters, power=train.power, meta=meta,

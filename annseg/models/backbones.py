@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 from torch import Tensor, nn
+
+from annseg.models.weights import load_exactly, read_state_dict
 
 # timm's names for the ResNet stems PAPER.md uses: 'c' is mmseg's ResNetV1c deep stem
 # (3->32->32->64), 's' the authors' deep-base stem (3->64->64->128), whose 3x3 max-pool
@@ -48,51 +49,8 @@ class Backbone(nn.Module):
         return self.body(image)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict from a .pth/.pt/.bin (torch.save) or .safetensors file."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read backbone weights {path}: {error}") from error
-    for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights {path} do not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     """Load a timm ResNet state dict (classifier keys ignored) strictly into ``backbone``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"backbone weights file {path} does not exist; pass the path of a local "
-            f"{backbone.name} state dict (annseg never downloads weights)"
-        )
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
-    expected = backbone.body.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
-            for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                ("shape mismatches", mismatched))
-            if items
-        ]
-        raise ValueError(
-            f"backbone weights {path} do not match timm {backbone.name!r}: {'; '.join(problems)}. "
-            f"Pass a state dict saved from timm.create_model({backbone.name!r})."
-        )
-    backbone.body.load_state_dict(state)
+    state = {k: v for k, v in read_state_dict(path, "backbone weights").items() if not k.startswith("fc.")}
+    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.name!r}",
+                 hint=f"Pass a state dict saved from timm.create_model({backbone.name!r}).")

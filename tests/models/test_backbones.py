@@ -35,7 +35,7 @@ def test_missing_file_names_the_path(tmp_path):
 def test_wrong_backbone_lists_the_mismatch(tmp_path):
     path = tmp_path / "resnet50.pth"
     torch.save(_timm_state("resnet50c"), path)
-    with pytest.raises(ValueError, match=r"resnet50.pth do not match timm 'resnet18'.*(missing|unexpected|shape)"):
+    with pytest.raises(ValueError, match=r"resnet50.pth does not match timm 'resnet18'.*(missing|unexpected|shape)"):
         create_model("ann_resnet18", backbone_weights=path)
 
 

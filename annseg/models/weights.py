@@ -1,0 +1,69 @@
+"""Reading foreign weight files and loading them strictly: one place for both.
+
+Backbone weights and published checkpoints (mmsegmentation, the authors') come as state
+dicts under various wrappers and prefixes. ``read_state_dict`` unwraps them;
+``load_exactly`` loads a renamed state dict into a module and fails, listing every
+unmatched key on either side, instead of silently leaving weights at their initial values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, Tensor]:
+    """The tensors of a .pth/.pt/.bin (torch.save) or .safetensors file, unwrapped.
+
+    Training checkpoints nest the weights under ``state_dict`` or ``model``; DataParallel
+    adds a ``module.`` prefix. ``what`` names the file's role in error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist (annseg never downloads weights)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path} do not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def mismatch_report(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], limit: int = 10) -> str:
+    """'' when ``given`` has exactly ``expected``'s keys and shapes, else a list of the differences."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_exactly(
+    module: nn.Module, state: Mapping[str, Tensor], source: str, target: str = "", hint: str = ""
+) -> None:
+    """``module.load_state_dict(state)`` requiring the same keys and shapes on both sides.
+
+    The error names ``source`` (the file) and ``target`` (the model) and lists the unmatched
+    keys; ``hint`` says how to fix it.
+    """
+    report = mismatch_report(module.state_dict(), state)
+    if report:
+        raise ValueError(f"{source} does not match {target or type(module).__name__}: {report}" + (f". {hint}" if hint else ""))
+    module.load_state_dict(state)
