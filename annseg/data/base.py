@@ -39,8 +39,16 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def read_image(path: Path) -> tv_tensors.Image:
     """Read an image as uint8 (3, H, W) RGB, converting grayscale, palette, RGBA and 16-bit."""
-    image = _open(Path(path), "image")
-    if image.mode in _SIXTEEN_BIT_MODES:  # Pillow's convert() clips 16-bit values instead of scaling
+    return as_rgb(_open(Path(path), "image"))
+
+
+def as_rgb(image: Image.Image) -> tv_tensors.Image:
+    """A decoded Pillow image as uint8 (3, H, W) RGB: the one place that converts image modes.
+
+    Grayscale and palette images are expanded, alpha is dropped, and 16-bit / 32-bit integer
+    images are scaled to 0-255 (Pillow's ``convert`` would clip them instead).
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image, dtype=np.int64).clip(0, 65535)
         image = Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
     elif image.mode != "RGB":
