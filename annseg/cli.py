@@ -431,12 +431,40 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _report_library_messages()
     try:
         args.run(args)
     except KeyboardInterrupt:
         raise SystemExit("annseg: interrupted")
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        raise SystemExit(f"annseg: error: {error}")
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as error:
+        raise SystemExit(f"annseg: error: {_one_line(error)}")
+
+
+def _report_library_messages() -> None:
+    """The library logs (it never prints); the command shows its messages as ``annseg: ...`` lines."""
+    import logging
+
+    logger = logging.getLogger("annseg")
+    if not any(getattr(h, "annseg_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("annseg: %(message)s"))
+        handler.annseg_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's own message, also when a DataLoader worker re-raised it with its traceback.
+
+    A worker's exception arrives as "Caught DataError in DataLoader worker process 0.\n
+    Original Traceback ...\nannseg.data.base.DataError: <message>": keep only <message>.
+    """
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(error).__qualname__}: ")
 
 
 if __name__ == "__main__":

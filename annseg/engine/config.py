@@ -87,6 +87,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = True
+    skip_nonfinite: int = 0  # iterations with a NaN/inf loss or gradient to skip before stopping
 
 
 @dataclass
@@ -208,7 +209,7 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(error)})") from None
     nested: dict[str, Any] = {}
     cursor = nested
     *parents, leaf = key.strip().split(".")
@@ -235,8 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
-            first = str(error).splitlines()[0]
-            raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
         if loaded is not None:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path}: expected a mapping at the top, got {type(loaded).__name__}")
@@ -247,6 +247,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError as error:
         where = f"config file {path}: " if path is not None else ""
         raise ConfigError(f"{where}{error}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where the YAML parser stopped and why (its own message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

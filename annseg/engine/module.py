@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +15,8 @@ from torch import Tensor, nn
 
 from annseg.engine.metrics import SegmentationMetrics
 from annseg.losses import ANNLoss
+
+log = logging.getLogger(__name__)
 
 
 def poly_factor(step: int, max_iters: int, power: float) -> float:
@@ -42,6 +46,19 @@ def _numpy_state_from_tensors(state: tuple) -> tuple:
     return name, keys.numpy().astype(np.uint32), position, has_gauss, cached
 
 
+class NonFiniteError(FloatingPointError):
+    """Training met a NaN/inf loss, gradient or weight; the message names the iteration."""
+
+
+def _describe(loss: Tensor | None, grad_norm: Tensor | None) -> str:
+    """What was not finite, for the warning or error of a bad step (a failure path: syncs freely)."""
+    value = float("nan") if loss is None else loss.item()
+    if not math.isfinite(value):
+        return f"the loss is {value}"
+    norm = float("nan") if grad_norm is None else grad_norm.item()
+    return f"the loss is {value:.4g} but the gradient norm is {norm}"
+
+
 class SegmentationModule(L.LightningModule):
     """Trains and validates a given segmentation network (it does not build one).
 
@@ -50,6 +67,11 @@ class SegmentationModule(L.LightningModule):
     that ``annseg eval`` / ``predict`` rebuild the model from the checkpoint alone. The
     RNG states travel with the checkpoint too, so a resumed run draws the same dropout masks
     as an uninterrupted one.
+
+    A NaN/inf loss or gradient is caught before the optimiser step: training stops with a
+    ``NonFiniteError`` naming the iteration, or, up to ``skip_nonfinite`` times, the step is
+    skipped (weights, momentum and BatchNorm statistics stay as they were). A checkpoint is
+    never written from non-finite weights.
     """
 
     def __init__(
@@ -64,6 +86,7 @@ class SegmentationModule(L.LightningModule):
         max_iters: int = 60_000,
         power: float = 0.9,
         meta: dict[str, Any] | None = None,
+        skip_nonfinite: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -75,15 +98,59 @@ class SegmentationModule(L.LightningModule):
         self.val_metrics = SegmentationMetrics(len(self.class_names), loss.ignore_index)
         self.val_scores: dict | None = None
         self._restored_rng: dict | None = None
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_iterations: list[int] = []  # saved in checkpoints: the budget survives a resume
+        self._loss_finite: Tensor | None = None  # over the micro-batches of this optimiser step
+        self._last_loss: Tensor | None = None
+        self._buffers_before: list[Tensor] | None = None  # BatchNorm statistics, to undo a skipped step
 
     def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.model(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if self.skip_nonfinite and self._buffers_before is None:
+            self._buffers_before = [b.detach().clone() for b in self.model.buffers()]
         loss = self.loss(self.model(batch["image"]), batch["mask"])
+        finite = torch.isfinite(loss.detach())  # stays on the device: checked once per optimiser step
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop, or skip this step, when its loss or gradients are not finite."""
+        finite, self._loss_finite = self._loss_finite, None
+        buffers, self._buffers_before = self._buffers_before, None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = None
+        if grads and self.trainer.precision != "16-mixed":  # fp16's GradScaler skips inf steps itself
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            finite = torch.isfinite(grad_norm) if finite is None else finite & torch.isfinite(grad_norm)
+        ok = True if finite is None else bool(finite)
+        if self.trainer.world_size > 1:  # every rank takes the same decision
+            ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
+        if ok:
+            return
+        iteration = self.global_step + 1
+        what = _describe(self._last_loss, grad_norm)
+        self.skipped_iterations.append(iteration)
+        if len(self.skipped_iterations) > self.skip_nonfinite:
+            done = f" after skipping iterations {self.skipped_iterations[:-1]}" if self.skip_nonfinite else ""
+            raise NonFiniteError(
+                f"training stopped at iteration {iteration}: {what}{done}. No checkpoint was written from it; "
+                "lower train.lr (or check the data), then continue from the last good checkpoint with "
+                "--resume latest, or allow skipped iterations with --set train.skip_nonfinite=N"
+            )
+        if self.trainer.is_global_zero:
+            log.warning("iteration %d: %s; step skipped (%d of at most %d)", iteration, what,
+                        len(self.skipped_iterations), self.skip_nonfinite)
+        for param in self.model.parameters():  # SGD leaves a parameter without gradient untouched
+            param.grad = None
+        if buffers is not None:
+            with torch.no_grad():
+                for now, before in zip(self.model.buffers(), buffers):
+                    now.copy_(before)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_metrics.update(self.model(batch["image"]), batch["mask"])
@@ -102,7 +169,14 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"refusing to write a checkpoint at iteration {self.global_step}: model weight {name} is not "
+                    "finite. The previous checkpoint is kept; lower train.lr and resume with --resume latest"
+                )
         checkpoint["annseg"] = self.meta
+        checkpoint["skipped_iterations"] = list(self.skipped_iterations)
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -113,6 +187,7 @@ class SegmentationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied when training starts: Lightning's own set-up after loading must not shift it.
         self._restored_rng = checkpoint.get("rng")
+        self.skipped_iterations = list(checkpoint.get("skipped_iterations", []))
 
     def on_train_start(self) -> None:
         if self._restored_rng is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,19 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import Dataset
 
 from annseg.engine.builders import build_model
-from annseg.engine.checkpoint import AtomicCheckpointIO, model_meta
+from annseg.engine.checkpoint import (
+    AtomicCheckpointIO,
+    latest_checkpoint,
+    model_meta,
+    read_checkpoint,
+    remove_partial_writes,
+)
 from annseg.engine.config import Config, ConfigError, dump_config
 from annseg.engine.datamodule import SegmentationDataModule
 from annseg.engine.module import SegmentationModule
 from annseg.losses import ANNLoss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,13 +41,50 @@ class Hardware:
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
-    """``--resume``: a checkpoint path, or ``latest`` for ``<out>/checkpoints/last.ckpt``."""
+    """``--resume``: a checkpoint path, or ``latest``: the newest good one in ``<out>/checkpoints``.
+
+    A named checkpoint that is truncated or corrupt is an error naming it. ``latest`` skips
+    such files (logging why) and falls back to the previous good checkpoint; with no
+    checkpoint there yet it starts at iteration 0, so a re-queued job can always pass it.
+    """
     if resume is None:
         return None
-    path = out_dir / "checkpoints" / "last.ckpt" if resume == "latest" else Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: checkpoint {path} does not exist")
+    if resume != "latest":
+        path = Path(resume)
+        try:
+            read_checkpoint(path)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--resume: {error}") from None
+        return path
+    folder = out_dir / "checkpoints"
+    path, skipped = latest_checkpoint(folder)
+    for reason in skipped:
+        log.warning("--resume latest: skipping %s", reason)
+    if path is None and skipped:
+        raise ValueError(f"--resume latest: no readable checkpoint in {folder} ({len(skipped)} damaged); "
+                         "name a good one with --resume PATH, or start afresh in another --out")
+    if path is None:
+        log.warning("--resume latest: no checkpoint in %s yet; starting at iteration 0", folder)
+    else:
+        log.info("resuming from %s", path)
     return path
+
+
+def check_resumable(path: Path, config: Config, classes: list[str]) -> None:
+    """The checkpoint at ``path`` must hold this run's network and classes (a clear error, not a
+    size-mismatch traceback from ``load_state_dict``)."""
+    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["annseg"]
+    saved = meta["config"]["model"]
+    if saved != _plain_model(config):
+        raise ConfigError(f"--resume: checkpoint {path} holds model {saved}, but this run's config builds "
+                          f"{_plain_model(config)}; resume with the checkpoint's model settings")
+    if len(meta["classes"]) != len(classes):
+        raise ConfigError(f"--resume: checkpoint {path} was trained for {len(meta['classes'])} classes, but dataset "
+                          f"{config.data.dataset!r} has {len(classes)}; resume on the dataset it was trained on")
+
+
+def _plain_model(config: Config) -> dict[str, Any]:
+    return config.to_dict()["model"]
 
 
 def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
@@ -56,6 +102,7 @@ def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
     return SegmentationModule(
         build_model(config.model, len(classes)), loss, class_names=classes, lr=train.lr, momentum=train.momentum,
         weight_decay=train.weight_decay, max_iters=train.max_iters, power=train.power, meta=meta,
+        skip_nonfinite=train.skip_nonfinite,
     )
 
 
@@ -75,12 +122,16 @@ def fit(
     (0 = no bar; a large value keeps batch-job logs short).
     """
     out_dir = Path(out_dir)
+    for stray in remove_partial_writes(out_dir / "checkpoints"):
+        log.info("removed %s, a checkpoint write that was interrupted", stray)
     ckpt_path = resolve_resume(resume, out_dir)
     train = config.train
     L.seed_everything(train.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config)
     datamodule.setup("validate")  # the validation set names the classes; fit() reuses it
     module = build_module(config, datamodule.val_set)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, config, module.class_names)
     distributed = hardware.num_nodes > 1 or (isinstance(hardware.devices, int) and hardware.devices > 1)
     on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
     checkpoints = ModelCheckpoint(
@@ -108,7 +159,8 @@ def fit(
     if module.val_scores is None or trainer.global_step % train.val_every:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     scores = module.val_scores or {}
-    scores = {**scores, "iterations": trainer.global_step, "rank": trainer.global_rank, "world_size": trainer.world_size}
+    scores = {**scores, "iterations": trainer.global_step, "skipped_iterations": module.skipped_iterations,
+              "rank": trainer.global_rank, "world_size": trainer.world_size}
     if trainer.is_global_zero:
         _write_json(out_dir / "metrics.json", scores)
     return scores

@@ -43,11 +43,11 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
 
 def test_resume_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="last.ckpt does not exist"):
-        fit(load_config(None, TINY), tmp_path, resume="latest", progress=0)
+    with pytest.raises(FileNotFoundError, match="--resume: checkpoint .*nowhere.ckpt does not exist"):
+        fit(load_config(None, TINY), tmp_path, resume=str(tmp_path / "nowhere.ckpt"), progress=0)
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.ckpt cannot be read"):
+    with pytest.raises(ValueError, match="bad.ckpt is truncated or not a torch checkpoint"):
         load_model(bad)
 
 

@@ -1,0 +1,48 @@
+"""``annseg`` with progress markers, for tests that kill it: ``python -m tests.engine.killable MARKERS ARGS...``.
+
+The computation is exactly the command's; only timing and markers change. Before each
+training step it creates ``MARKERS/step-N`` and pauses briefly, so that a kill lands inside a
+step; each checkpoint is written in two halves with a pause between, after creating
+``MARKERS/saving-<file>``, so that a kill can land in the middle of a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from annseg.cli import main
+from annseg.engine.module import SegmentationModule
+
+markers = Path(sys.argv[1])
+markers.mkdir(parents=True, exist_ok=True)
+_training_step = SegmentationModule.training_step
+_save = torch.save
+
+
+def training_step(self: SegmentationModule, batch: dict, batch_idx: int) -> torch.Tensor:
+    (markers / f"step-{self.global_step + 1}").touch()
+    time.sleep(0.02)
+    return _training_step(self, batch, batch_idx)
+
+
+def save_in_two_halves(obj: object, file: object, *args: object, **kwargs: object) -> None:
+    if isinstance(file, (str, Path)) or not hasattr(file, "write"):
+        return _save(obj, file, *args, **kwargs)
+    buffer = io.BytesIO()
+    _save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    file.write(data[: len(data) // 2])
+    file.flush()
+    (markers / f"saving-{Path(file.name).name}").touch()
+    time.sleep(0.3)
+    file.write(data[len(data) // 2:])
+
+
+SegmentationModule.training_step = training_step  # type: ignore[method-assign]
+torch.save = save_in_two_halves  # type: ignore[assignment]
+main(sys.argv[2:])

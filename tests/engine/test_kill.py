@@ -1,0 +1,81 @@
+"""SIGKILL a training run at random moments, inside steps and checkpoint writes; resume must
+end exactly where an uninterrupted run ends (deterministic mode, same machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from annseg.engine.checkpoint import read_checkpoint
+from tests.engine.tiny import tiny_cli_args
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = tiny_cli_args("train.max_iters=10", "train.checkpoint_every=3", "train.val_every=5")
+SEED = int(os.environ.get("ANNSEG_KILL_SEED", "0"))  # other seeds pick other moments
+
+
+def start(markers: Path, out: Path) -> subprocess.Popen:
+    for marker in markers.glob("*"):
+        marker.unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.engine.killable", str(markers), "train", *RUN, "--out", str(out),
+         "--resume", "latest"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def kill_at(proc: subprocess.Popen, markers: Path, kind: str, count: int, delay: float) -> None:
+    """SIGKILL once ``count`` markers of ``kind`` ("step" or "saving") exist, after ``delay`` s."""
+    deadline = time.monotonic() + 300
+    while len(list(markers.glob(f"{kind}-*"))) < count:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {count} {kind} markers (seed {SEED}):\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {kind} marker {count} within 300 s")
+        time.sleep(0.005)
+    time.sleep(delay)
+    proc.kill()  # SIGKILL: no handler, no clean-up
+    proc.communicate()
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    reference = start(markers, tmp_path / "reference")
+    _, stderr = reference.communicate()
+    assert reference.returncode == 0, stderr[-3000:]
+
+    out = tmp_path / "killed"
+    rng = random.Random(SEED)
+    kills = [("step", rng.randint(1, 3)), ("saving", 1), ("step", rng.randint(2, 4)), ("saving", rng.randint(1, 2))]
+    saw_partial_write = False
+    for kind, count in kills:
+        kill_at(start(markers, out), markers, kind, count, delay=rng.uniform(0, 0.02 if kind == "step" else 0.1))
+        checkpoints = out / "checkpoints"
+        for path in checkpoints.glob("*.ckpt"):
+            read_checkpoint(path)  # never half-written: every visible checkpoint is whole
+        saw_partial_write |= any(checkpoints.glob(".*.tmp-*"))
+    assert saw_partial_write, "no kill landed inside a checkpoint write"
+
+    final = start(markers, out)
+    _, stderr = final.communicate()
+    assert final.returncode == 0, stderr[-3000:]
+    assert "removed" in stderr or "resuming from" in stderr
+    assert not any((out / "checkpoints").glob(".*.tmp-*"))
+    expected, got = weights(tmp_path / "reference"), weights(out)
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"seed {SEED}: resumed weights differ in {different[:5]}"
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
