@@ -116,7 +116,10 @@ class SegmentationDataset(Dataset):
         image_dir, images = self._images()
         self.pairs: list[tuple[Path, Path]] = [(image, self._mask_for(image)) for image in images]
         if not self.pairs:
-            raise DataError(f"{image_dir}: no images found for split {split!r}; expected {self.layout} images there")
+            others = sorted(p.name for p in image_dir.rglob("*") if p.is_file()) if image_dir.is_dir() else []
+            found = f"; it holds {len(others)} other file(s), e.g. {_short_list(others, 3)}" if others else ""
+            raise DataError(f"{image_dir}: no images found for split {split!r}; expected {self.layout} images "
+                            f"({', '.join(IMAGE_SUFFIXES)}) there{found}")
         self.names = [image.relative_to(image_dir).with_suffix("").as_posix() for image, _ in self.pairs]
         if len(set(self.names)) < len(self.names):  # names name prediction files: they must differ
             twice = sorted(name for name, count in Counter(self.names).items() if count > 1)

@@ -30,6 +30,10 @@ def evaluate(
     follows ``settings`` (whole / slide, scales, flip) and predictions are compared at full
     resolution, as the benchmarks do.
     """
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) != len(class_names):
+        raise ValueError(f"the model predicts {len(class_names)} classes ({_names(class_names)}) but the dataset has "
+                         f"{len(classes)} ({_names(classes)}); evaluate on the dataset the model was trained for")
     model = model.to(device).eval()
     metrics = SegmentationMetrics(len(class_names)).to(device)
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=collate)
@@ -38,3 +42,7 @@ def evaluate(
         logits = infer_with(model, images, len(class_names), settings)
         metrics.update(logits.argmax(1), batch["mask"].to(device))
     return metrics.compute_scores(class_names)
+
+
+def _names(names: Sequence[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
