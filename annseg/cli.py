@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from annseg import __version__
@@ -170,6 +171,20 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--format", choices=("color", "cityscapes"), default="color",
                          help="color: palette PNG + overlay; cityscapes: label-id PNGs for the test server")
     predict.set_defaults(run=_cmd_predict)
+
+    convert = commands.add_parser(
+        "convert", help="a published checkpoint (mmsegmentation, ...) as an annseg checkpoint",
+        description="Renames every tensor of CKPT to annseg's layout, infers the model (depth, widths, classes) "
+        "from the shapes, loads it strictly (a key left over on either side is an error listing it) and writes an "
+        "annseg checkpoint that `annseg eval` and `annseg predict` read.")
+    convert.add_argument("format", choices=_Names(_converter_names), metavar="FORMAT",
+                         help="who wrote CKPT: %(choices)s")
+    convert.add_argument("checkpoint", type=Path, metavar="CKPT", help="the published checkpoint (.pth)")
+    convert.add_argument("out", type=Path, metavar="OUT", help="the annseg checkpoint to write")
+    convert.add_argument("--dataset", choices=_Names(_dataset_names), default=None, metavar="NAME",
+                         help="the dataset it was trained on (%(choices)s), for class names and the eval config "
+                              "(default: the checkpoint's own names, else the dataset its class count suggests)")
+    convert.set_defaults(run=_cmd_convert)
 
     demo = commands.add_parser(
         "demo", help="the main job: train on the built-in dataset, evaluate, write overlays (minutes on a CPU)",
@@ -387,6 +402,49 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             palette_png(labels, meta["palette"]).save(args.out / f"{path.stem}.png")
             overlay(image.permute(1, 2, 0).numpy(), labels, meta["palette"]).save(args.out / f"{path.stem}_overlay.jpg")
     print(f"wrote {len(images)} prediction(s) to {args.out}")
+
+
+class _Names:
+    """argparse choices read when first needed: the converters import timm and Lightning
+    (seconds), which no other command should wait for while its parser is built."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self.names = names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+
+def _converter_names() -> list[str]:
+    from annseg.convert import CONVERTERS
+
+    return sorted(CONVERTERS)
+
+
+def _dataset_names() -> list[str]:
+    from annseg.convert.common import DATASET_BY_CLASSES
+
+    return sorted(DATASET_BY_CLASSES.values())
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from annseg.convert import CONVERTERS
+    from annseg.engine.checkpoint import save_model
+
+    model, meta = CONVERTERS[args.format](args.checkpoint, dataset=args.dataset)
+    save_model(args.out, model, meta)
+    config = meta["config"]
+    name = f"{config['model']['variant']}_{config['model']['backbone']}"
+    dataset = config["data"]["dataset"]
+    print(f"converted {args.format} checkpoint {args.checkpoint}: {meta['converted_from']['tensors']} tensors -> "
+          f"{name} with options {config['model']['options']}, {len(meta['classes'])} classes "
+          f"({dataset}: {', '.join(meta['classes'][:4])}{', ...' if len(meta['classes']) > 4 else ''})")
+    print(f"wrote {args.out}; evaluate with: annseg eval --checkpoint {args.out} --set data.root=/path/to/{dataset}"
+          + (" --set data.dataset=folder" if dataset == "folder" else "")
+          + f"; predict with: annseg predict IMAGES --checkpoint {args.out}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ Weights come only from a local file the user names; nothing is ever downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
@@ -14,8 +15,8 @@ from annseg.models.weights import load_exactly, read_state_dict
 
 # timm's names for the ResNet stems PAPER.md uses: 'c' is mmseg's ResNetV1c deep stem
 # (3->32->32->64), 's' the authors' deep-base stem (3->64->64->128), whose 3x3 max-pool
-# rounds up (ceil mode).
-RESNET_STEMS = ("resnet18", "resnet50c", "resnet50s", "resnet101c", "resnet101s")
+# rounds up (ceil mode); no letter is the plain 7x7 stem of torchvision (mmseg's ResNetV1b).
+RESNET_STEMS = ("resnet18", "resnet50", "resnet50c", "resnet50s", "resnet101", "resnet101c", "resnet101s")
 CEIL_MODE_STEMS = ("resnet50s", "resnet101s")
 
 
@@ -50,7 +51,36 @@ class Backbone(nn.Module):
 
 
 def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
-    """Load a timm ResNet state dict (classifier keys ignored) strictly into ``backbone``."""
-    state = {k: v for k, v in read_state_dict(path, "backbone weights").items() if not k.startswith("fc.")}
+    """Load a ResNet state dict strictly into ``backbone``, whichever library saved it.
+
+    timm and torchvision ResNets share key names (their ``fc`` classifier is ignored).
+    OpenMMLab checkpoints (mmpretrain / mmcv ResNetV1c, or a whole mmseg model) are told
+    apart by their keys: with ``backbone.*`` keys only those are read (the rest is heads),
+    and the deep stem's ``stem.*`` keys are renamed to timm's.
+    """
+    state = read_state_dict(path, "backbone weights")
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    state = openmmlab_resnet_to_timm({k: v for k, v in state.items() if not k.startswith("fc.")})
     load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.name!r}",
-                 hint=f"Pass a state dict saved from timm.create_model({backbone.name!r}).")
+                 hint=f"Pass a ResNet state dict from timm ({backbone.name!r}), torchvision or OpenMMLab "
+                      "whose stem and depth match the backbone.")
+
+
+# OpenMMLab's deep stem is one Sequential: conv, BN, ReLU three times. timm keeps the first
+# two convs' BNs inside ``conv1`` and names the last BN ``bn1``.
+_STEM_TO_TIMM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
+                 "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+
+
+def openmmlab_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """OpenMMLab ResNet key names (ResNetV1c ``stem.*``, ``layerN.M.*``) as timm's.
+
+    The residual layers already have timm's names (``conv1``/``bn1``..., ``downsample.0/1``);
+    keys that fit neither stay as they are, for the strict loader to report.
+    """
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in _STEM_TO_TIMM if key.startswith(p)), None)
+        renamed[key if prefix is None else _STEM_TO_TIMM[prefix] + key[len(prefix):]] = value
+    return renamed

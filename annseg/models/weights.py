@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,14 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, Tensor
     Training checkpoints nest the weights under ``state_dict`` or ``model``; DataParallel
     adds a ``module.`` prefix. ``what`` names the file's role in error messages.
     """
+    return unwrap_state_dict(read_file(path, what), path, what)
+
+
+def read_file(path: str | Path, what: str = "weights") -> Any:
+    """What a torch.save (tensors and plain containers only) or .safetensors file holds.
+
+    Never unpickles arbitrary objects (``weights_only=True``): a foreign file cannot run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist (annseg never downloads weights)")
@@ -28,11 +37,15 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, Tensor
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated / foreign files
         raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
+
+
+def unwrap_state_dict(content: Any, path: str | Path, what: str = "weights") -> dict[str, Tensor]:
+    """The state dict inside ``content`` (what ``read_file`` returned for ``path``)."""
+    state = content
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

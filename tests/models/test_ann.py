@@ -21,7 +21,9 @@ def test_zoo_names():
     assert annseg.list_models() == names
 
 
-@pytest.mark.parametrize("name", list_models())
+# The v1b backbones differ from the others by their stem only (tests/models/test_backbones.py):
+# one variant each keeps this, the slowest test file, from growing by ten ResNet-50/101 runs.
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.endswith("v1b") or n.startswith("ann_")])
 def test_every_model_trains_and_evaluates(name):
     model = create_model(name, num_classes=5).train()
     image = torch.randn(2, 3, 65, 49)

@@ -1,0 +1,86 @@
+"""What every converter of a published checkpoint shares: classes, config, strict loading.
+
+A converter renames a foreign state dict to annseg's keys and infers the model's options
+from the tensor shapes; this module turns that into a ready model and the metadata of an
+ordinary annseg checkpoint (``engine.checkpoint.save_model`` writes both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from annseg.data.meta import generated_palette
+from annseg.engine.builders import build_model
+from annseg.engine.checkpoint import model_meta
+from annseg.engine.config import Config, DataConfig, EvalConfig, ModelConfig
+from annseg.models.ann import ANN
+from annseg.models.weights import load_exactly
+
+# The datasets whose classes annseg knows, by class count (the count a classifier's shape gives).
+DATASET_BY_CLASSES = {19: "cityscapes", 150: "ade20k", 59: "pascal_context"}
+
+
+def known_datasets() -> dict[str, Any]:
+    """Dataset name -> its class (with ``classes`` and ``palette``), for the known ones."""
+    from annseg.data import DATASETS
+
+    return {name: DATASETS[name] for name in DATASET_BY_CLASSES.values()}
+
+
+def resolve_classes(
+    num_classes: int,
+    dataset: str | None,
+    classes: Sequence[str] | None,
+    palette: Sequence[Sequence[int]] | None,
+    source: str,
+) -> tuple[str | None, list[str], list[list[int]]]:
+    """(dataset, class names, palette) for a converted model of ``num_classes`` classes.
+
+    Names and colours come from the checkpoint (``classes``/``palette``) when it has them,
+    else from ``dataset``, else from the dataset ``num_classes`` suggests (19 Cityscapes,
+    150 ADE20K, 59 PASCAL Context), else they are generic ``class_i`` with generated colours.
+    """
+    datasets = known_datasets()
+    if dataset is not None:
+        if dataset not in datasets:
+            raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(datasets)}")
+        if len(datasets[dataset].classes) != num_classes:
+            raise ValueError(f"{source} classifies {num_classes} classes but dataset {dataset!r} has "
+                             f"{len(datasets[dataset].classes)}; leave out the dataset or pick the right one")
+    dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"{source} names {len(classes)} classes in its metadata but its classifier has "
+                         f"{num_classes} outputs")
+    if classes is None and dataset is not None:
+        classes, palette = datasets[dataset].classes, palette or datasets[dataset].palette
+    if classes is None:
+        classes = [f"class_{i}" for i in range(num_classes)]
+    if palette is None or len(palette) != num_classes:
+        palette = generated_palette(num_classes)
+    return dataset, [str(c) for c in classes], [[int(v) for v in colour] for colour in palette]
+
+
+def converted_meta(
+    model: ModelConfig, dataset: str | None, classes: list[str], palette: list[list[int]], source: dict[str, Any]
+) -> dict[str, Any]:
+    """``model_meta`` of a converted model: its config (ImageNet RGB normalisation, whole-image
+    evaluation, one image per batch), names, colours, and where it came from (``source``)."""
+    data = DataConfig(dataset=dataset or "folder", val_batch_size=1)
+    evaluation = EvalConfig(batch_size=1, short_side=512 if dataset == "ade20k" else None)
+    meta = model_meta(Config(data=data, model=model, eval=evaluation), classes, palette)
+    meta["converted_from"] = source
+    return meta
+
+
+def build_converted(model: ModelConfig, num_classes: int, state: Mapping[str, Tensor], source: str) -> ANN:
+    """The model ``model`` describes, with every tensor of ``state`` loaded (eval mode).
+
+    Any key left over on either side, or a shape that differs, is a ValueError listing them.
+    """
+    network = build_model(model, num_classes, load_backbone_weights=False)
+    load_exactly(network, state, source, f"annseg {model.name} with options {model.options}",
+                 hint="The file's layout is not one this converter knows; the keys above show where it differs.")
+    return network.eval()
