@@ -113,7 +113,7 @@ def load_authors_checkpoint(path: str | Path, dataset: str | None = None) -> tup
     normalization that reproduces theirs), ``classes``, ``palette``, ``normalization``.
     ``dataset`` (cityscapes, ade20k, pascal_context) names the classes; by default it comes
     from the checkpoint's training config or from the number of classes (19, 150, 59).
-    Raises ValueError listing every key that does not match on either side.
+    Raises ValueError naming the keys (their names) that do not match on either side.
     """
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"dataset {dataset!r} is not one the authors trained on; choose from {sorted(DATASETS)}")
