@@ -349,11 +349,10 @@ def _inference_setup(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
     from tqdm import tqdm
 
     from annseg.engine import format_table
+    from annseg.engine.train import write_json
     from annseg.engine.builders import build_val_dataset
     from annseg.engine.evaluate import evaluate
 
@@ -368,7 +367,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     out = args.out or run_folder / f"eval-{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(args.checkpoint), "split": split, "eval": config.to_dict()["eval"], **scores}
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print(format_table(scores))
     print(f"wrote {out}")
 
@@ -452,6 +451,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     import time
 
     from annseg.engine import fit, format_table, load_config
+    from annseg.engine.train import write_json
     from annseg.engine.builders import build_dataset
     from annseg.engine.checkpoint import load_model
     from annseg.data.transforms import Normalization
@@ -481,7 +481,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     scores.update(model=config.model.name, train_seconds=round(seconds, 1), command="annseg " + shlex.join(sys.argv[1:]),
                   torch=torch.__version__, threads=torch.get_num_threads(), machine=cpu_name())
-    (out / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
+    write_json(out / "metrics.json", scores)
     print(f"\n{config.model.name} on the built-in dataset, {config.train.max_iters} iterations in {seconds:.0f} s")
     print(format_table(scores))
     print(f"overlays (image | truth | prediction) in {out / 'overlays'}, scores in {out / 'metrics.json'}")

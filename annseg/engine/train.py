@@ -162,11 +162,12 @@ def fit(
     scores = {**scores, "iterations": trainer.global_step, "skipped_iterations": module.skipped_iterations,
               "rank": trainer.global_rank, "world_size": trainer.world_size}
     if trainer.is_global_zero:
-        _write_json(out_dir / "metrics.json", scores)
+        write_json(out_dir / "metrics.json", scores)
     return scores
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, through a temporary file: a kill leaves the old file or the new."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(temporary, path)

@@ -41,17 +41,20 @@ def test_eval_slide_flip_writes_json(trained: Path, tmp_path: Path) -> None:
     assert "mIoU" in proc.stdout
 
 
-def test_predict_folder_of_gray_and_rgba_images(trained: Path, tmp_path: Path) -> None:
+def test_predict_folder_of_gray_rgba_and_16bit_images(trained: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.full((30, 50), 90, np.uint8)).save(images / "gray.png")
     Image.fromarray(np.full((20, 70, 4), 200, np.uint8)).save(images / "rgba.png")
+    Image.fromarray(np.full((25, 40), 40000, np.uint16)).save(images / "deep.png")
+    assert Image.open(images / "deep.png").mode == "I;16"
     out = tmp_path / "pred"
     proc = run("predict", str(images), "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels = Image.open(out / "gray.png")
     assert labels.mode == "P" and labels.size == (50, 30) and np.asarray(labels).max() < 4
     assert Image.open(out / "rgba_overlay.jpg").size == (70, 20)
+    assert Image.open(out / "deep.png").size == (40, 25)
 
 
 @pytest.mark.parametrize(

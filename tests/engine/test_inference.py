@@ -79,3 +79,52 @@ def test_bad_arguments_are_named() -> None:
         infer(PixelModel(), torch.randn(1, 3, 8, 8), 3, mode="slide")
     with pytest.raises(ValueError, match="unknown inference mode"):
         infer(PixelModel(), torch.randn(1, 3, 8, 8), 3, mode="tiles")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (5, 7), (9, 13), (30, 20)])
+def test_images_smaller_than_the_crop_and_the_pooling_grid(ann: nn.Module, height: int, width: int) -> None:
+    """A 5x7 image is a 1x1 feature map, smaller than the 8x8 anchor grid and the 32x32 crop."""
+    image = torch.randn(1, 3, height, width)
+    whole = infer(ann, image, 3)
+    slide = infer(ann, image, 3, mode="slide", crop_size=(32, 32), stride=(16, 16))
+    assert whole.shape == (1, 3, height, width) and bool(torch.isfinite(whole).all())
+    torch.testing.assert_close(slide, whole)  # one window, clipped to the image
+    both = infer(ann, image, 3, mode="slide", crop_size=(32, 32), stride=(16, 16), scales=(0.5, 1.25), flip=True)
+    assert both.shape == (1, 3, height, width) and bool(torch.isfinite(both).all())
+
+
+MEMORY = """
+import json, sys, torch
+from annseg.bench.machine import PeakMemory
+from annseg.engine.inference import infer
+from annseg.models import create_model
+torch.set_num_threads(1)
+model = create_model("ann_resnet18", num_classes=4, head_channels=16, key_channels=8, value_channels=8,
+                     aux_channels=8).eval()
+image = torch.randn(1, 3, 512, 1024)
+cpu = torch.device("cpu")
+infer(model, torch.randn(1, 3, 128, 128), 4)  # allocator and kernels warmed up on one window
+with PeakMemory(cpu) as window:
+    infer(model, torch.randn(1, 3, 128, 128), 4)
+with PeakMemory(cpu) as slide:
+    infer(model, image, 4, mode="slide", crop_size=(128, 128), stride=(96, 96))
+with PeakMemory(cpu) as whole:
+    infer(model, image, 4)
+print(json.dumps({"method": slide.method, "window": window.peak, "slide": slide.peak, "whole": whole.peak}))
+"""
+
+
+def test_sliding_windows_keep_a_large_image_within_the_stated_memory_bound() -> None:
+    """README: beyond one batch of windows, sliding inference holds 4 * (2K + 1) * H * W bytes."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MEMORY], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    if peaks["method"] != "VmHWM":
+        pytest.skip("this system cannot reset the resident-set high-water mark")
+    bound = 4 * (2 * 4 + 1) * 512 * 1024  # 18 MiB
+    assert peaks["slide"] <= bound + peaks["window"] + 8 * 2**20, peaks
+    assert peaks["whole"] > 3 * bound, peaks  # the whole image at once would not fit the bound

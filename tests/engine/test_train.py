@@ -73,3 +73,15 @@ def test_bf16_autocast_with_gradient_accumulation(tmp_path: Path) -> None:
     checkpoint = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert scores["iterations"] == 2 and checkpoint["global_step"] == 2  # 4 micro-batches, 2 optimizer steps
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_same_seed_gives_identical_weights_and_metrics(tmp_path: Path) -> None:
+    """README: on one machine, deterministic mode and the same seed reproduce a run bit for bit."""
+    config = load_config(None, TINY)
+    first, second = (fit(config, tmp_path / name, progress=0) for name in ("a", "b"))
+    assert first == second
+    a, b = (_weights(tmp_path / name / "checkpoints" / "last.ckpt") for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = fit(load_config(None, [*TINY, "train.seed=1"]), tmp_path / "c", progress=0)
+    assert _weights(tmp_path / "c" / "checkpoints" / "last.ckpt")["model.classifier.weight"].ne(
+        a["model.classifier.weight"]).any() and other["iterations"] == first["iterations"]
