@@ -173,7 +173,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(run=_cmd_predict)
 
     convert = commands.add_parser(
-        "convert", help="a published checkpoint (mmsegmentation, ...) as an annseg checkpoint",
+        "convert", help="a published checkpoint (mmsegmentation's, the authors') as an annseg checkpoint",
         description="Renames every tensor of CKPT to annseg's layout, infers the model (depth, widths, classes) "
         "from the shapes, loads it strictly (a key left over on either side is an error listing it) and writes an "
         "annseg checkpoint that `annseg eval` and `annseg predict` read.")

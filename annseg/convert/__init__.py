@@ -1,8 +1,9 @@
 """Published checkpoints of other code bases as annseg checkpoints.
 
-``CONVERTERS`` maps a format name to ``load(path, dataset=None) -> (model, meta)``, the
-pair ``engine.checkpoint.load_model`` returns; ``save_model(out, model, meta)`` then writes
-an ordinary annseg checkpoint that ``annseg eval`` and ``annseg predict`` read.
+``CONVERTERS`` maps a format name to ``load(path, dataset=None) -> (model, meta)``: the
+model in eval mode and ``common.converted_meta``'s metadata, from which
+``engine.checkpoint.save_model(out, model, meta)`` writes an ordinary annseg checkpoint that
+``annseg eval`` and ``annseg predict`` read (``load_model`` gives both back).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ layout of timm's ``resnet{50,101}s`` at output stride 8; BatchNorm eps 1e-5.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from annseg.data.meta import (
-    ADE20K_CLASSES,
-    ADE20K_PALETTE,
-    CITYSCAPES_CLASSES,
-    CITYSCAPES_PALETTE,
-    PASCAL_CONTEXT_CLASSES,
-    PASCAL_CONTEXT_PALETTE,
-    generated_palette,
-)
-from annseg.engine.builders import build_model
-from annseg.engine.checkpoint import model_meta
-from annseg.engine.config import Config, DataConfig, ModelConfig
+from annseg.convert.common import build_converted, converted_meta, resolve_classes
+from annseg.data.transforms import Normalization
+from annseg.engine.config import ModelConfig
 from annseg.models.ann import ANN
-from annseg.models.weights import mismatch_report, read_state_dict
+from annseg.models.weights import read_file, unwrap_state_dict
 
-DATASETS = {
-    "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
-    "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE),
-    "pascal_context": (PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE),
-}
 # Their hypes/seg/*/fs_annn_*_seg.json (all three datasets), used when the file has no config_dict.
 THEIR_NORMALIZE = {"div_value": 1.0, "mean": [102.9801, 115.9465, 122.7717], "std": [1.0, 1.0, 1.0]}
 # ResNet depth -> blocks per layer, and the annseg backbone with that stem.
@@ -92,7 +79,7 @@ RENAMES: tuple[tuple[str, str], ...] = (
     ("dsn.1.0.", "aux_head.0.1."),
     ("dsn.3.", "aux_head.1."),
 )
-STEM_CONV = "backbone.prefix.conv1.weight"
+STEM_CONV = "backbone.body.conv1.0.weight"  # the first conv, whose input channels are BGR in theirs
 SHARED_QUERY = ("context.2.stages.0.f_query.", "context.2.stages.0.f_key.")  # APNB: one module, two names
 
 
@@ -108,67 +95,44 @@ def rename(key: str, direction: int = 1) -> str:
 def load_authors_checkpoint(path: str | Path, dataset: str | None = None) -> tuple[ANN, dict[str, Any]]:
     """The authors' ANN checkpoint at ``path`` as an annseg model (eval mode) and its metadata.
 
-    Metadata as ``annseg.engine.checkpoint.load_model`` returns it: ``config`` (a Config for
+    The metadata is ``common.converted_meta``'s (``save_model`` writes both): a config for
     ``ann_resnet{50,101}s`` with the head widths read from the weights and the input
-    normalization that reproduces theirs), ``classes``, ``palette``, ``normalization``.
-    ``dataset`` (cityscapes, ade20k, pascal_context) names the classes; by default it comes
-    from the checkpoint's training config or from the number of classes (19, 150, 59).
+    normalization that reproduces theirs, ``classes``, ``palette``, ``normalization``,
+    ``converted_from``. ``dataset`` names the classes; by default the class count does
+    (see ``resolve_classes``; the ``dataset`` of their training config would add nothing:
+    annseg's datasets differ in class count).
     Raises ValueError naming the keys (their names) that do not match on either side.
     """
-    if dataset is not None and dataset not in DATASETS:
-        raise ValueError(f"dataset {dataset!r} is not one the authors trained on; choose from {sorted(DATASETS)}")
-    with torch.serialization.safe_globals(_NUMPY_SCALARS):
-        state = read_state_dict(path, "authors' checkpoint")
-        training = _training_config(path)
     source = f"authors' checkpoint {path}"
-    state = {k.replace("backbone.resinit.", "backbone.prefix.", 1): v for k, v in state.items()}
-    _drop_shared_query(state, source)
+    with torch.serialization.safe_globals(_NUMPY_SCALARS):
+        content = read_file(path, "authors' checkpoint")
+    state = unwrap_state_dict(content, path, "authors' checkpoint")
+    config = content.get("config_dict") if isinstance(content, dict) else None
+    training: dict[str, Any] = config if isinstance(config, dict) else {}
     _check_network(training, source)
+    normalization = _normalization(training, source)
+    tensors = len(state)
+    _drop_shared_query(state, source)
     backbone, options, num_classes = _architecture(state, source)
-    dataset = dataset or _dataset(training, num_classes)
-    if dataset is None:  # not one of theirs: numbered classes
-        classes, palette = tuple(f"class{i}" for i in range(num_classes)), generated_palette(num_classes)
-    else:
-        classes, palette = DATASETS[dataset]
-        if len(classes) != num_classes:
-            raise ValueError(f"{source} has {num_classes} classes but dataset {dataset!r} has {len(classes)}; "
-                             "pass the dataset it was trained on")
-    config = Config(
-        data=DataConfig(dataset=dataset or "folder", **_normalization(training, source)),
-        model=ModelConfig(backbone=backbone, variant="ann", backbone_weights=None, options=options),
-    )
-    with torch.device("meta"):  # shapes only: the weights come from the file, none are initialised
-        model = build_model(config.model, num_classes, load_backbone_weights=False)
-    expected = model.state_dict()
-    # Older torch wrote no num_batches_tracked; it does not change the function.
-    expected_theirs = {rename(k, -1): v for k, v in expected.items()
-                       if not (k.endswith("num_batches_tracked") and rename(k, -1) not in state)}
-    report = mismatch_report(expected_theirs, state)
-    if report:
-        raise ValueError(f"{source} does not match the authors' ANN ({config.model.name}, {num_classes} classes), "
-                         f"in their key names: {report}. Only checkpoints of their annn network "
-                         "(models/seg/nets/annn.py) with a deep-base dilated ResNet-50/101 convert.")
-    converted = {rename(k): v for k, v in state.items()}
-    converted.update({k: torch.zeros((), dtype=torch.long) for k in expected if k not in converted})
-    if _input_mode(training) == "BGR":
-        converted[rename(STEM_CONV)] = state[STEM_CONV].flip(1)  # annseg feeds RGB
-    # Strict, and the file's tensors become the parameters (the meta ones hold no memory).
-    model.load_state_dict(converted, assign=True)
-    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    assert not left, f"tensors outside the state dict were not loaded: {left}"
-    meta = model_meta(config, list(classes), [list(c) for c in palette])
-    meta["config"] = config
-    return model.eval(), meta
+    dataset, classes, palette = resolve_classes(num_classes, dataset, None, None, source)
+    model_config = ModelConfig(backbone=backbone, variant="ann", options=options)
+    model = build_converted(model_config, num_classes, _to_annseg(state, _input_mode(training), source), source,
+                            file_key=partial(rename, direction=-1))
+    info = {"format": "authors", "path": str(path), "tensors": tensors}
+    return model, converted_meta(model_config, dataset, classes, palette, info, normalization)
 
 
-def _training_config(path: str | Path) -> dict[str, Any]:
-    """Their runner's ``config_dict`` (the training JSON) when the checkpoint carries one."""
-    try:  # memory-mapped: the tensors, read just before, are not read again
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in torch's legacy (pre-1.6) format cannot be mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    config = checkpoint.get("config_dict") if isinstance(checkpoint, dict) else None
-    return config if isinstance(config, dict) else {}
+def _to_annseg(state: dict[str, Tensor], input_mode: str, source: str) -> dict[str, Tensor]:
+    """Their state dict in annseg's key names; for BGR input the stem conv takes RGB instead."""
+    converted: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        name = rename(key.replace("backbone.resinit.", "backbone.prefix.", 1))  # openseg's name for the stem
+        if name in converted:
+            raise ValueError(f"{source}: its keys {origin[name]} and {key} both mean annseg's {name}; "
+                             "a checkpoint of their annn network holds only one of them")
+        converted[name], origin[name] = (value.flip(1) if name == STEM_CONV and input_mode == "BGR" else value), key
+    return converted
 
 
 def _drop_shared_query(state: dict[str, Tensor], source: str) -> None:
@@ -215,18 +179,11 @@ def _check_network(training: dict[str, Any], source: str) -> None:
                          "without multi-grid dilation only")
 
 
-def _dataset(training: dict[str, Any], num_classes: int) -> str | None:
-    named = training.get("dataset")
-    if named in DATASETS:
-        return named
-    return next((name for name, (classes, _) in DATASETS.items() if len(classes) == num_classes), None)
-
-
 def _input_mode(training: dict[str, Any]) -> str:
     return training.get("data", {}).get("input_mode", "BGR")
 
 
-def _normalization(training: dict[str, Any], source: str) -> dict[str, tuple[float, float, float]]:
+def _normalization(training: dict[str, Any], source: str) -> Normalization:
     """annseg's mean/std (RGB, [0, 1] input) that give their network input exactly."""
     normalize = {**THEIR_NORMALIZE, **training.get("data", {}).get("normalize", {})}
     mode = _input_mode(training)
@@ -236,7 +193,7 @@ def _normalization(training: dict[str, Any], source: str) -> dict[str, tuple[flo
     scale = float(normalize["div_value"]) / 255.0
     mean = tuple(float(m) * scale for m in normalize["mean"][order])
     std = tuple(float(s) * scale for s in normalize["std"][order])
-    return {"mean": mean, "std": std}  # type: ignore[dict-item]
+    return Normalization(mean, std)  # type: ignore[arg-type]
 
 
 def _numpy_scalar_globals() -> list[Any]:

@@ -7,12 +7,14 @@ ordinary annseg checkpoint (``engine.checkpoint.save_model`` writes both).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from annseg.data.meta import generated_palette
+from annseg.data.transforms import Normalization
 from annseg.engine.builders import build_model
 from annseg.engine.checkpoint import model_meta
 from annseg.engine.config import Config, DataConfig, EvalConfig, ModelConfig
@@ -64,23 +66,48 @@ def resolve_classes(
 
 
 def converted_meta(
-    model: ModelConfig, dataset: str | None, classes: list[str], palette: list[list[int]], source: dict[str, Any]
+    model: ModelConfig,
+    dataset: str | None,
+    classes: list[str],
+    palette: list[list[int]],
+    source: dict[str, Any],
+    normalization: Normalization = Normalization(),
 ) -> dict[str, Any]:
-    """``model_meta`` of a converted model: its config (ImageNet RGB normalisation, whole-image
-    evaluation, one image per batch), names, colours, and where it came from (``source``)."""
-    data = DataConfig(dataset=dataset or "folder", val_batch_size=1)
+    """``model_meta`` of a converted model, as ``save_model`` writes it: its config (input
+    ``normalization``, ImageNet RGB by default; whole-image evaluation, one image per batch),
+    names, colours, and where it came from (``source``: ``format``, ``path``, ``tensors``)."""
+    data = DataConfig(dataset=dataset or "folder", val_batch_size=1, mean=normalization.mean, std=normalization.std)
     evaluation = EvalConfig(batch_size=1, short_side=512 if dataset == "ade20k" else None)
     meta = model_meta(Config(data=data, model=model, eval=evaluation), classes, palette)
     meta["converted_from"] = source
     return meta
 
 
-def build_converted(model: ModelConfig, num_classes: int, state: Mapping[str, Tensor], source: str) -> ANN:
-    """The model ``model`` describes, with every tensor of ``state`` loaded (eval mode).
+def build_converted(
+    model: ModelConfig,
+    num_classes: int,
+    state: Mapping[str, Tensor],
+    source: str,
+    file_key: Callable[[str], str] | None = None,
+) -> ANN:
+    """The model ``model`` describes, holding the tensors of ``state`` (annseg's key names), in eval mode.
 
-    Any key left over on either side, or a shape that differs, is a ValueError listing them.
+    Built on the meta device, so no weight is initialised only to be overwritten and a file
+    that does not fit costs no memory; the file's tensors become the weights (cast to the
+    model's float dtype). Every key and shape must match, except BatchNorm's
+    ``num_batches_tracked``, which torch < 0.4.1 did not save and which does not change the
+    function: otherwise a ValueError lists the differences, in the file's key names when
+    ``file_key`` maps annseg's back to them.
     """
-    network = build_model(model, num_classes, load_backbone_weights=False)
-    load_exactly(network, state, source, f"annseg {model.name} with options {model.options}",
-                 hint="The file's layout is not one this converter knows; the keys above show where it differs.")
+    with torch.device("meta"):
+        network = build_model(model, num_classes, load_backbone_weights=False)
+    expected = network.state_dict()
+    given = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v for k, v in state.items()}
+    given |= {k: torch.zeros((), dtype=torch.long) for k in expected
+              if k.endswith(".num_batches_tracked") and k not in given}
+    load_exactly(network, given, source, f"annseg {model.name} with options {model.options} ({num_classes} classes)",
+                 hint="The file's layout is not one this converter knows; the keys above show where it differs.",
+                 names=file_key, assign=True)
+    unloaded = [name for name, t in (*network.named_parameters(), *network.named_buffers()) if t.is_meta]
+    assert not unloaded, f"tensors outside the state dict were not loaded: {unloaded}"
     return network.eval()

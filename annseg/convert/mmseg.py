@@ -137,7 +137,7 @@ def _tuple_setting(config_text: str, name: str, source: str) -> tuple[int, ...] 
 def load_mmseg_checkpoint(path: str | Path, dataset: str | None = None) -> tuple[ANN, dict[str, Any]]:
     """An mmseg ANN checkpoint as an annseg model (eval mode) and its metadata.
 
-    The metadata is ``load_model``'s (``save_model`` writes both as an annseg checkpoint).
+    The metadata is ``common.converted_meta``'s (``save_model`` writes both as an annseg checkpoint).
     Class names and colours come from the checkpoint (mmseg 0.x ``meta.CLASSES``/``PALETTE``,
     1.x ``meta.dataset_meta``), else from ``dataset`` or the class count (see
     ``resolve_classes``). Every tensor must find its place and every weight of the model

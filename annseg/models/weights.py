@@ -8,7 +8,7 @@ unmatched key on either side, instead of silently leaving weights at their initi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,24 @@ def mismatch_report(expected: Mapping[str, Tensor], given: Mapping[str, Tensor],
 
 
 def load_exactly(
-    module: nn.Module, state: Mapping[str, Tensor], source: str, target: str = "", hint: str = ""
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    source: str,
+    target: str = "",
+    hint: str = "",
+    names: Callable[[str], str] | None = None,
+    assign: bool = False,
 ) -> None:
-    """``module.load_state_dict(state)`` requiring the same keys and shapes on both sides.
+    """``module.load_state_dict(state, assign=assign)`` requiring the same keys and shapes on both sides.
 
     The error names ``source`` (the file) and ``target`` (the model) and lists the unmatched
-    keys; ``hint`` says how to fix it.
+    keys, passed through ``names`` when given (a converter maps annseg's keys back to the
+    file's, which its users know); ``hint`` says how to fix it. ``assign`` makes the given
+    tensors the module's own (for a module built on the meta device).
     """
-    report = mismatch_report(module.state_dict(), state)
+    rename = names or (lambda key: key)
+    report = mismatch_report({rename(k): v for k, v in module.state_dict().items()},
+                             {rename(k): v for k, v in state.items()})
     if report:
         raise ValueError(f"{source} does not match {target or type(module).__name__}: {report}" + (f". {hint}" if hint else ""))
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=assign)

@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import tv_tensors
 
+from annseg.cli import main
 from annseg.convert import CONVERTERS, load_authors_checkpoint
 from annseg.data.meta import CITYSCAPES_CLASSES
 from annseg.data.transforms import Normalization
-from annseg.engine.checkpoint import load_model, model_meta, save_model
+from annseg.engine.checkpoint import load_model, save_model
+from annseg.engine.config import config_from_dict
 
 BGR_MEAN = (102.9801, 115.9465, 122.7717)  # their hypes/seg/*/fs_annn_*_seg.json
 HEAD, KEY, VALUE, AUX = 48, 16, 24, 32  # small head widths: read back from the shapes
@@ -252,8 +254,8 @@ def test_converted_model_computes_their_function(theirs: TheirANN, converted: tu
 
 
 def test_meta_describes_their_network(converted: tuple) -> None:
-    model, meta, _ = converted
-    config = meta["config"]
+    model, meta, path = converted
+    config = config_from_dict(meta["config"])
     assert config.model.name == "ann_resnet50s" and not model.training
     assert config.model.options == {"head_channels": HEAD, "key_channels": KEY, "value_channels": VALUE,
                                     "aux_channels": AUX}
@@ -261,17 +263,21 @@ def test_meta_describes_their_network(converted: tuple) -> None:
     # RGB in [0, 1]: their BGR mean reversed over 255, std 1/255.
     assert meta["normalization"]["mean"] == pytest.approx([m / 255 for m in BGR_MEAN[::-1]])
     assert meta["normalization"]["std"] == pytest.approx([1 / 255] * 3)
+    assert (config.data.mean, config.data.std) == (tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+    # Every tensor of the file has a place: the model's plus APNB's f_query copy of f_key (conv + BN: 7).
+    assert meta["converted_from"] == {"format": "authors", "path": str(path), "tensors": len(model.state_dict()) + 7}
     assert CONVERTERS["authors"] is load_authors_checkpoint
 
 
 def test_round_trip_through_an_annseg_checkpoint(converted: tuple, tmp_path: Path) -> None:
     model, meta, _ = converted
-    save_model(tmp_path / "ann.ckpt", model, model_meta(meta["config"], meta["classes"], meta["palette"]))
+    save_model(tmp_path / "ann.ckpt", model, meta)
     loaded, loaded_meta = load_model(tmp_path / "ann.ckpt")
     ours_input, _ = image_pair(meta)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ours_input), model(ours_input), rtol=0, atol=0)
-    assert loaded_meta["config"] == meta["config"] and loaded_meta["normalization"] == meta["normalization"]
+    assert loaded_meta["config"] == config_from_dict(meta["config"])
+    assert loaded_meta["normalization"] == meta["normalization"]
 
 
 def test_config_dict_sets_dataset_and_normalization(theirs: TheirANN, tmp_path: Path) -> None:
@@ -323,7 +329,36 @@ def test_dataset_argument_and_class_count(theirs: TheirANN, tmp_path: Path) -> N
                _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="19 classes but dataset 'ade20k' has 150"):
         load_authors_checkpoint(path, dataset="ade20k")
-    with pytest.raises(ValueError, match="dataset 'voc' is not one"):
+    with pytest.raises(ValueError, match="unknown dataset 'voc'"):
         load_authors_checkpoint(path, dataset="voc")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_authors_checkpoint(tmp_path / "missing.pth")
+
+
+def test_stem_under_both_of_its_names_is_an_error(theirs: TheirANN, tmp_path: Path) -> None:
+    state = dict(theirs.state_dict())
+    state["backbone.resinit.conv1.weight"] = state["backbone.prefix.conv1.weight"] * 2
+    torch.save(state, tmp_path / "two_stems.pth")
+    with pytest.raises(ValueError, match=r"keys backbone\.prefix\.conv1\.weight and backbone\.resinit\.conv1\.weight "
+                                         r"both mean annseg's backbone\.body\.conv1\.0\.weight"):
+        load_authors_checkpoint(tmp_path / "two_stems.pth")
+
+
+def test_cli_converts_and_load_model_computes_their_function(theirs: TheirANN, converted: tuple, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    _, meta, path = converted
+    out = tmp_path / "ann.ckpt"
+    main(["convert", "authors", str(path), str(out)])
+    summary, wrote = capsys.readouterr().out.splitlines()
+    assert summary == (f"converted authors checkpoint {path}: {meta['converted_from']['tensors']} tensors -> "
+                       f"ann_resnet50s with options {{'head_channels': {HEAD}, 'key_channels': {KEY}, "
+                       f"'value_channels': {VALUE}, 'aux_channels': {AUX}}}, 19 classes "
+                       "(cityscapes: road, sidewalk, building, wall, ...)")
+    assert wrote.startswith(f"wrote {out}; evaluate with: annseg eval --checkpoint {out} "
+                            "--set data.root=/path/to/cityscapes; predict with")
+    model, loaded_meta = load_model(out)
+    assert loaded_meta["normalization"] == meta["normalization"] and loaded_meta["classes"] == list(CITYSCAPES_CLASSES)
+    ours_input, their_input = image_pair(loaded_meta)
+    with torch.no_grad():
+        main_out, their_main = model(ours_input), theirs(their_input)[1]
+    torch.testing.assert_close(main_out, their_main, rtol=3e-4, atol=3e-4 * their_main.abs().max().item())
