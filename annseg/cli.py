@@ -362,30 +362,29 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from annseg.data import read_image
-    from annseg.data.transforms import Normalization
-    from annseg.engine.predict import find_images, overlay, palette_png, predict_labels
+    from annseg.engine.predict import find_images, overlay
+    from annseg.engine.segmenter import Segmenter
 
     images = find_images(args.inputs)
     model, meta, config, device = _inference_setup(args)
-    model.to(device)
+    segmenter = Segmenter.from_meta(model, meta, config.eval).to(device)
     if args.format == "cityscapes":
         from annseg.data import cityscapes_label_ids
 
-        if len(meta["classes"]) != 19:
+        if segmenter.num_classes != 19:
             raise ValueError(f"--format cityscapes needs a 19-class Cityscapes model; {args.checkpoint} "
-                             f"has {len(meta['classes'])} classes")
-    normalization = Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+                             f"has {segmenter.num_classes} classes")
     args.out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
         image = read_image(path)
-        labels = predict_labels(model, image, len(meta["classes"]), normalization, config.eval, device).numpy()
+        labels = segmenter.predict(image)
         if args.format == "cityscapes":
             from PIL import Image
 
             Image.fromarray(cityscapes_label_ids(labels).astype("uint8")).save(args.out / f"{path.stem}.png")
         else:
-            palette_png(labels, meta["palette"]).save(args.out / f"{path.stem}.png")
-            overlay(image.permute(1, 2, 0).numpy(), labels, meta["palette"]).save(args.out / f"{path.stem}_overlay.jpg")
+            segmenter.colorize(labels).save(args.out / f"{path.stem}.png")
+            overlay(image.permute(1, 2, 0).numpy(), labels, segmenter.palette).save(args.out / f"{path.stem}_overlay.jpg")
     print(f"wrote {len(images)} prediction(s) to {args.out}")
 
 
