@@ -90,9 +90,11 @@ class Segmenter(nn.Module):
         elif isinstance(image, np.ndarray):
             rgb = array_as_rgb(image)
         elif isinstance(image, Tensor):
-            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"image tensor has shape {tuple(image.shape)} and dtype {image.dtype}; expected a "
-                                 "(3, H, W) uint8 RGB tensor (or pass a numpy array or Pillow image)")
+            if image.dtype != torch.uint8:
+                raise TypeError(f"image tensor has dtype {image.dtype}; expected a (3, H, W) uint8 RGB tensor "
+                                "(or pass a numpy array: floats in [0, 1] are accepted there)")
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image tensor has shape {tuple(image.shape)}; expected (3, H, W) RGB")
             rgb = image
         else:
             raise TypeError(f"cannot predict on a {type(image).__name__}; expected a Pillow image, a numpy array "

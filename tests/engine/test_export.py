@@ -1,6 +1,8 @@
+import io
 import json
 import re
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +52,24 @@ def test_static_export_agrees_with_pytorch_and_carries_metadata(folder: Path) ->
         session.run(None, {"image": np.zeros((1, 3, 40, 48), np.float32)})
 
 
-def test_cli_dynamic_export_agrees_at_other_sizes(folder: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture(scope="module")
+def dynamic(folder: Path) -> tuple[Path, str, str]:
+    """``annseg export onnx --dynamic`` run once (tracing takes seconds): the file, stdout, stderr."""
     out = folder / "dynamic.onnx"
-    main(["export", "onnx", "--checkpoint", str(folder / "corners.ckpt"), "--out", str(out), "--dynamic",
-          "--height", "40", "--width", "56"])
-    printed = capsys.readouterr()
-    assert "exporting" in printed.err
-    assert f"wrote {out} (opset 18)" in printed.out
-    assert "image   [batch, 3, height, width]" in printed.out and "logits  [batch, 3, height, width]" in printed.out
-    assert "1x3x40x56, 2x3x21x31" in printed.out  # the export size and another one
-    diff, scale = map(float, re.search(r"max abs diff (\S+) \(logits up to (\S+)\)", printed.out).groups())
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        main(["export", "onnx", "--checkpoint", str(folder / "corners.ckpt"), "--out", str(out), "--dynamic",
+              "--height", "40", "--width", "56"])
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_cli_dynamic_export_agrees_at_other_sizes(folder: Path, dynamic: tuple[Path, str, str]) -> None:
+    out, printed, progress = dynamic
+    assert "exporting" in progress
+    assert f"wrote {out} (opset 18)" in printed
+    assert "image   [batch, 3, height, width]" in printed and "logits  [batch, 3, height, width]" in printed
+    assert "1x3x40x56, 2x3x21x31" in printed  # the export size and another one
+    diff, scale = map(float, re.search(r"max abs diff (\S+) \(logits up to (\S+)\)", printed).groups())
     assert diff <= tolerance(scale)
 
     model = annseg.load(folder / "corners.ckpt")
@@ -110,3 +120,15 @@ def test_unfused_export_of_a_bare_network(folder: Path) -> None:
     assert info.metadata["note"] == "bare" and "classes" not in info.metadata
     check = check_onnx(folder / "bare.onnx", model.network, [torch.randn(1, 3, 24, 40)])
     assert check.max_abs_diff <= tolerance(check.max_abs_logit)
+
+
+def test_readme_onnxruntime_example_runs(dynamic: tuple[Path, str, str], tmp_path: Path) -> None:
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "onnxruntime" in block)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 45, 3), np.uint8)).save(tmp_path / "photo.png")
+    code = code.replace("runs/default/model.onnx", str(dynamic[0])).replace("photo.jpg", str(tmp_path / "photo.png"))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["labels"].shape == (37, 45) and namespace["classes"] == ["class0", "class1", "class2"]

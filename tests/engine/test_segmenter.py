@@ -75,15 +75,20 @@ def test_predict_equals_predict_labels_on_the_rgb_version(model: Segmenter, make
     np.testing.assert_array_equal(labels, expected)
 
 
-def test_settings_are_used_and_replaceable(model: Segmenter) -> None:
-    """predict follows ``settings``: flip off changes the logits it sums."""
+def test_settings_are_used_and_replaceable(model: Segmenter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict follows replaced ``settings`` (here sliding windows without flip), not the checkpoint's."""
     import dataclasses
 
-    plain = Segmenter(model.network, model.classes, model.palette, model.normalization,
-                      dataclasses.replace(model.settings, flip=False, mode="slide"))
+    from annseg.engine import segmenter as module
+
+    seen = []
+    monkeypatch.setattr(module, "predict_labels", lambda *args: seen.append(args[4]) or predict_labels(*args))
+    settings = dataclasses.replace(model.settings, flip=False, mode="slide")
+    plain = Segmenter(model.network, model.classes, model.palette, model.normalization, settings)
     image = torch.from_numpy(RGB).permute(2, 0, 1)
-    expected = predict_labels(model.network, image, 3, model.normalization, plain.settings).numpy()
+    expected = predict_labels(model.network, image, 3, model.normalization, settings).numpy()
     np.testing.assert_array_equal(plain.predict(RGB), expected)
+    assert seen == [settings]
 
 
 @pytest.mark.parametrize("image, error, message", [
@@ -95,7 +100,8 @@ def test_settings_are_used_and_replaceable(model: Segmenter) -> None:
     (np.zeros((20, 30), bool), TypeError, "dtype bool"),
     (np.full((20, 30, 3), 2.0), ValueError, r"values in \[2.0, 2.0\]; expected values in \[0, 1\]"),
     (np.full((20, 30, 3), np.nan, np.float32), ValueError, "expected values in"),
-    (torch.zeros(3, 20, 30), ValueError, "expected a \\(3, H, W\\) uint8"),
+    (torch.zeros(3, 20, 30), TypeError, "dtype torch.float32; expected a \\(3, H, W\\) uint8"),
+    (torch.zeros(1, 3, 20, 30, dtype=torch.uint8), ValueError, r"shape \(1, 3, 20, 30\); expected \(3, H, W\)"),
     ([[0, 1], [1, 0]], TypeError, "cannot predict on a list"),
 ])
 def test_wrong_inputs_are_clear_errors(model: Segmenter, image, error, message) -> None:
@@ -132,3 +138,19 @@ def test_predict_on_cuda_matches_cpu(checkpoint: Path) -> None:
     model.to("cuda")
     assert model.device.type == "cuda"
     np.testing.assert_array_equal(model.predict(RGB), expected)
+
+
+def test_readme_load_and_predict_example_runs(checkpoint: Path, tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "annseg.load(" in block)
+    Image.fromarray(RGB).save(tmp_path / "photo.png")
+    for old, new in (("runs/default/checkpoints/last.ckpt", checkpoint), ("photo.jpg", tmp_path / "photo.png"),
+                     ("labels.png", tmp_path / "labels.png")):
+        assert old in code
+        code = code.replace(old, str(new))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert set(namespace["names"]) <= {"class0", "class1", "class2"} and (tmp_path / "labels.png").is_file()
+    assert namespace["labels"].shape == (480, 640)
