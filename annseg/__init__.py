@@ -19,7 +19,11 @@ def __getattr__(name: str) -> Any:
         from annseg import models
 
         return getattr(models, name)
+    if name == "load":  # annseg.load(path) -> Segmenter; imports the engine (and timm) when used
+        from annseg.engine.segmenter import load
+
+        return load
     raise AttributeError(f"module 'annseg' has no attribute {name!r}")
 
 
-__all__ = ["losses", "AFNB", "APNB", "ANN", "NonLocal2d", "PyramidSampling", "attention", "create_model", "list_models", "__version__"]
+__all__ = ["losses", "AFNB", "APNB", "ANN", "NonLocal2d", "PyramidSampling", "attention", "create_model", "list_models", "load", "__version__"]

@@ -186,6 +186,28 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
                               "(default: the checkpoint's own names, else the dataset its class count suggests)")
     convert.set_defaults(run=_cmd_convert)
 
+    export = commands.add_parser("export", help="export a trained model to another format (onnx)")
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    onnx = formats.add_parser(
+        "onnx", help="ONNX file of the network, checked against PyTorch with onnxruntime",
+        description="Writes the network's eval forward as ONNX (default opset 18, torch.export-based exporter): "
+        "input 'image' float32 (B, 3, H, W), RGB in [0, 1] minus mean over std (the checkpoint's normalisation, "
+        "stored with the class names and palette in the file's metadata); output 'logits' (B, K, H, W), whose "
+        "argmax over K is the label map. Then runs random inputs through onnxruntime and PyTorch and prints the "
+        "largest absolute difference. Needs pip install \"annseg[onnx]\".")
+    onnx.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
+                      help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
+    onnx.add_argument("--out", type=Path, default=None,
+                      help="ONNX file (default: <run folder>/model.onnx, the run folder being the one that holds "
+                           "checkpoints/)")
+    onnx.add_argument("--height", type=_positive, default=None, help="input height (default: the config's "
+                      "data.crop_size); with --dynamic the size traced and checked")
+    onnx.add_argument("--width", type=_positive, default=None, help="input width (default: data.crop_size)")
+    onnx.add_argument("--dynamic", action="store_true",
+                      help="batch, height and width free at run time (default: fixed 1 x 3 x H x W)")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
+    onnx.set_defaults(run=_cmd_export_onnx)
+
     demo = commands.add_parser(
         "demo", help="the main job: train on the built-in dataset, evaluate, write overlays (minutes on a CPU)",
         description="Trains the default config (a small ANN on the generated dataset whose labels need "
@@ -331,14 +353,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"checkpoints in {out / 'checkpoints'}, logs in {out / 'logs'}, scores in {out / 'metrics.json'}")
 
 
+def _require_default_checkpoint(checkpoint: Path) -> None:
+    """The default checkpoint is missing until `annseg train` ran: say so (other paths: load_model says)."""
+    if not checkpoint.is_file() and checkpoint == DEFAULT_RUN / "checkpoints" / "last.ckpt":
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}: run `annseg train` first, or name one "
+                                "with --checkpoint")
+
+
 def _inference_setup(args: argparse.Namespace):
     """The checkpoint's model and config, with the command line's overrides applied."""
     from annseg.engine import load_model
     from annseg.engine.config import apply_overrides, config_from_dict
 
-    if not args.checkpoint.is_file() and args.checkpoint == DEFAULT_RUN / "checkpoints" / "last.ckpt":
-        raise FileNotFoundError(f"no checkpoint at {args.checkpoint}: run `annseg train` first, or name one "
-                                "with --checkpoint")
+    _require_default_checkpoint(args.checkpoint)
     model, meta = load_model(args.checkpoint)
     values = apply_overrides(meta["config"].to_dict(), args.overrides)
     for key, value in (("mode", args.mode), ("scales", args.scales), ("flip", args.flip)):
@@ -376,30 +403,29 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from annseg.data import read_image
-    from annseg.data.transforms import Normalization
-    from annseg.engine.predict import find_images, overlay, palette_png, predict_labels
+    from annseg.engine.predict import find_images, overlay
+    from annseg.engine.segmenter import Segmenter
 
     images = find_images(args.inputs)
     model, meta, config, device = _inference_setup(args)
-    model.to(device)
+    segmenter = Segmenter.from_meta(model, meta, config.eval).to(device)
     if args.format == "cityscapes":
         from annseg.data import cityscapes_label_ids
 
-        if len(meta["classes"]) != 19:
+        if segmenter.num_classes != 19:
             raise ValueError(f"--format cityscapes needs a 19-class Cityscapes model; {args.checkpoint} "
-                             f"has {len(meta['classes'])} classes")
-    normalization = Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+                             f"has {segmenter.num_classes} classes")
     args.out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
         image = read_image(path)
-        labels = predict_labels(model, image, len(meta["classes"]), normalization, config.eval, device).numpy()
+        labels = segmenter.predict(image)
         if args.format == "cityscapes":
             from PIL import Image
 
             Image.fromarray(cityscapes_label_ids(labels).astype("uint8")).save(args.out / f"{path.stem}.png")
         else:
-            palette_png(labels, meta["palette"]).save(args.out / f"{path.stem}.png")
-            overlay(image.permute(1, 2, 0).numpy(), labels, meta["palette"]).save(args.out / f"{path.stem}_overlay.jpg")
+            segmenter.colorize(labels).save(args.out / f"{path.stem}.png")
+            overlay(image.permute(1, 2, 0).numpy(), labels, segmenter.palette).save(args.out / f"{path.stem}_overlay.jpg")
     print(f"wrote {len(images)} prediction(s) to {args.out}")
 
 
@@ -444,6 +470,46 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; evaluate with: annseg eval --checkpoint {args.out} --set data.root=/path/to/{dataset}"
           + (" --set data.dataset=folder" if dataset == "folder" else "")
           + f"; predict with: annseg predict IMAGES --checkpoint {args.out}")
+
+def _cmd_export_onnx(args: argparse.Namespace) -> None:
+    import torch
+
+    from annseg.engine.checkpoint import load_model
+    from annseg.engine.export import check_onnx, export_onnx, require_onnx, validate_opset
+    from annseg.engine.segmenter import Segmenter
+
+    try:
+        require_onnx()
+    except ImportError as error:
+        raise SystemExit(f"annseg: error: {error}")
+    validate_opset(args.opset)
+    _require_default_checkpoint(args.checkpoint)
+    network, meta = load_model(args.checkpoint)
+    segmenter = Segmenter.from_meta(network, meta)
+    crop = meta["config"].data.crop_size
+    height, width = args.height or crop[0], args.width or crop[1]
+    folder = args.checkpoint.parent
+    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.onnx"
+    shape = "dynamic batch, height and width" if args.dynamic else f"fixed 1x3x{height}x{width}"
+    print(f"exporting {args.checkpoint} ({shape}, opset {args.opset}); tracing takes a while", file=sys.stderr,
+          flush=True)
+    info = export_onnx(segmenter, out, height, width, dynamic=args.dynamic, opset=args.opset)
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(1, height, width)]
+    if args.dynamic:  # another batch and size, odd where the export size is even
+        sizes.append((2, max(17, height // 2 + 1), max(17, width // 2 + 3)))
+    inputs = [torch.randn(b, 3, h, w, generator=generator) for b, h, w in sizes]
+    check = check_onnx(out, segmenter, inputs)
+    print(f"wrote {out} (opset {info.opset})")
+    for kind, values in (("input", info.inputs), ("output", info.outputs)):
+        for name, dims in values:
+            print(f"  {kind:<6} {name:<7} [{', '.join(map(str, dims))}]")
+    mean, std = segmenter.normalization.mean, segmenter.normalization.std
+    print(f"  input: RGB in [0, 1], minus mean {list(mean)}, over std {list(std)}; classes, palette and "
+          "normalization are in the file's metadata")
+    tested = ", ".join("x".join(map(str, size)) for size in check.sizes)
+    print(f"onnxruntime vs PyTorch on random inputs {tested}: max abs diff {check.max_abs_diff:.3g} "
+          f"(logits up to {check.max_abs_logit:.3g})")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

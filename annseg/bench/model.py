@@ -21,20 +21,11 @@ from torch import nn
 
 from annseg.bench.machine import PeakMemory, describe
 from annseg.bench.runner import BenchResult, machine_line, run_worker, timed
-from annseg.layers import AFNB, APNB
 
 ABLATIONS = ("fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101", "ann_resnet101")
 GPU_SIZES = ((512, 1024), (1024, 2048))
 CPU_SIZES = ((256, 512), (512, 1024))
 PARTS = ("backbone", "afnb", "apnb", "head")
-
-
-def fuse_blocks(model: nn.Module) -> int:
-    """``fuse_for_inference()`` on every APNB, AFNB and NonLocal2d inside ``model``; how many."""
-    blocks = [m for m in model.modules() if isinstance(m, (APNB, AFNB))]
-    for block in blocks:
-        block.fuse_for_inference()
-    return len(blocks)
 
 
 def measure_model(name: str, height: int, width: int, device: torch.device, repeats: int, warmup: int,
@@ -51,7 +42,7 @@ def measure_model(name: str, height: int, width: int, device: torch.device, repe
     torch.manual_seed(0)
     model = create_model(name, num_classes=19).eval().to(device)
     if fuse:
-        fuse_blocks(model)
+        model.fuse_for_inference()
     image = torch.randn(1, 3, height, width, device=device)
     with torch.inference_mode():
         if device.type == "cuda":  # initialise kernels; on the CPU this would hide the peak (freed

@@ -49,12 +49,46 @@ def as_rgb(image: Image.Image) -> tv_tensors.Image:
     images are scaled to 0-255 (Pillow's ``convert`` would clip them instead).
     """
     if image.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.int64).clip(0, 65535)
-        image = Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
+        image = Image.fromarray(_to_8bit(np.asarray(image, dtype=np.int64))).convert("RGB")
     elif image.mode != "RGB":
         image = image.convert("RGB")
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
     return tv_tensors.Image(pixels.permute(2, 0, 1).contiguous())
+
+
+def _to_8bit(wide: np.ndarray) -> np.ndarray:
+    """16-bit values scaled to 0-255 with rounding (65535 -> 255), as uint8."""
+    return ((wide.astype(np.int64).clip(0, 65535) + 128) // 257).astype(np.uint8)
+
+
+def array_as_rgb(array: np.ndarray) -> torch.Tensor:
+    """A numpy image as (3, H, W) RGB: uint8, or float32 in [0, 1] for float arrays (not quantised).
+
+    Accepts (H, W) or (H, W, 1) gray, (H, W, 3) RGB and (H, W, 4) RGBA (alpha dropped), as
+    uint8, uint16 (scaled to 0-255 like 16-bit files) or float in [0, 1]. Raises TypeError for
+    another type or dtype and ValueError for another shape or float values outside [0, 1].
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"expected a numpy array, got {type(array).__name__}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
+        hint = " (channels first? pass array.transpose(1, 2, 0))" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"image array has shape {array.shape}; expected (H, W) gray, (H, W, 3) RGB or "
+                         f"(H, W, 4) RGBA{hint}")
+    if array.dtype == np.uint16:
+        array = _to_8bit(array)
+    elif array.dtype.kind == "f":
+        low, high = (float(array.min()), float(array.max()))
+        if not (0.0 <= low and high <= 1.0):  # also false for NaN
+            raise ValueError(f"float image array has values in [{low}, {high}]; expected values in [0, 1] "
+                             "(divide 8-bit data by 255)")
+        array = array.astype(np.float32)
+    elif array.dtype != np.uint8:
+        raise TypeError(f"image array has dtype {array.dtype}; expected uint8 (0-255), uint16 (0-65535) "
+                        "or float in [0, 1]")
+    rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -42,7 +42,7 @@ def predict_labels(
     settings: EvalConfig,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Label map (H, W) int64 for a uint8 RGB ``image`` (3, H, W), on the CPU."""
+    """Label map (H, W) int64 for an RGB ``image`` (3, H, W), uint8 or float in [0, 1], on the CPU."""
     images = normalization.transform()(tv_tensors.Image(image)).as_subclass(Tensor).unsqueeze(0).to(device)
     logits = infer_with(model, images, num_classes, settings)
     return logits.argmax(1)[0].cpu()

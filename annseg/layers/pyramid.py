@@ -23,25 +23,28 @@ def _bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torc
     """(sum(sizes), length) averaging matrix with adaptive_avg_pool's bins, levels stacked.
 
     Built outside inference mode: a cached inference tensor could not be saved for backward
-    by a later training forward (Lightning validates under ``inference_mode``).
+    by a later training forward (Lightning validates under ``inference_mode``). Built in
+    float64 and rounded once, so every dtype gets the nearest value of 1 / bin length.
     """
     with torch.inference_mode(False):
-        return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
+        return _averaging_matrix(length, sizes, device, torch.float64).to(dtype)
 
 
-def _uncached_bins(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    return _averaging_matrix(length, sizes).to(device=device, dtype=dtype)
+def _averaging_matrix(length: int | torch.SymInt, sizes: tuple[int, ...], device: torch.device,
+                      dtype: torch.dtype) -> Tensor:
+    """The averaging matrix from tensor operations only, so ``length`` may be symbolic.
 
-
-def _averaging_matrix(length: int, sizes: tuple[int, ...]) -> Tensor:
-    rows = []
-    for size in sizes:
-        for i in range(size):
-            start, end = (i * length) // size, -((-(i + 1) * length) // size)
-            row = torch.zeros(length, dtype=torch.float64)
-            row[start:end] = 1.0 / (end - start)
-            rows.append(row)
-    return torch.stack(rows)
+    Under ``torch.export`` (ONNX) or ``torch.compile`` with dynamic shapes the graph then
+    computes the bins from the input's size at run time instead of baking in the traced size.
+    Bin i of s covers [floor(i L / s), ceil((i + 1) L / s)), as adaptive average pooling.
+    """
+    level = torch.tensor([s for s in sizes for _ in range(s)], device=device)  # (T,)
+    index = torch.tensor([i for s in sizes for i in range(s)], device=device)  # (T,)
+    start = (index * length).div(level, rounding_mode="floor")[:, None]  # (T, 1)
+    end = ((index + 1) * length + level - 1).div(level, rounding_mode="floor")[:, None]
+    position = torch.arange(length, device=device)  # (L,)
+    inside = (position >= start) & (position < end)  # (T, L)
+    return inside.to(dtype) / (end - start).to(dtype)
 
 
 def validate_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,8 +69,10 @@ class PyramidSampling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        # torch.compile bakes the bins into its graph as constants; eager calls use the cache.
-        bins = _uncached_bins if torch.compiler.is_compiling() else _bins
+        # Eager calls use the cache; graph capture (torch.compile, torch.export for ONNX) must
+        # see the bins computed from the input's size, else a dynamic size is baked in.
+        traced = torch.compiler.is_compiling() or not isinstance(H, int) or not isinstance(W, int)
+        bins = _averaging_matrix if traced else _bins
         rows = bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
         cols = bins(W, self.sizes, x.device, x.dtype)  # (T, W)
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

@@ -87,5 +87,16 @@ class ANN(nn.Module):
             return logits
         return logits, self._upsample(self.aux_head(low), image)
 
+    def fuse_for_inference(self) -> "ANN":
+        """``fuse_for_inference()`` of the AFNB and APNB (or NB) blocks: fewer matmuls per forward.
+
+        Exact up to rounding; eval mode only, and the network can no longer be trained (for
+        benchmarks and ONNX export). Returns the network.
+        """
+        for block in (self.afnb, self.apnb):
+            if block is not None:
+                block.fuse_for_inference()
+        return self
+
     def _upsample(self, logits: Tensor, image: Tensor) -> Tensor:
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=self.align_corners)

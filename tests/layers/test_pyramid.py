@@ -53,3 +53,13 @@ def test_channels_last_view_matches_contiguous():
     x = tokens.transpose(1, 2).unflatten(2, (13, 9))  # (2, 7, 13, 9), channels-last
     sample = PyramidSampling((1, 3, 6, 8))
     torch.testing.assert_close(sample(x), sample(x.contiguous()), atol=1e-6, rtol=1e-5)
+
+
+def test_exported_with_dynamic_size_pools_other_sizes_correctly():
+    """torch.export (the ONNX exporter's front end) must compute the bins from the run-time size."""
+    dynamic = torch.export.Dim.DYNAMIC
+    exported = torch.export.export(PyramidSampling(), (torch.randn(2, 3, 24, 32),),
+                                   dynamic_shapes=({2: dynamic, 3: dynamic},)).module()
+    for height, width in ((45, 21), (7, 9), (16, 48)):
+        x = torch.randn(2, 3, height, width)
+        torch.testing.assert_close(exported(x), reference(x, (1, 3, 6, 8)), atol=1e-6, rtol=1e-5)

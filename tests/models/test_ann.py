@@ -121,3 +121,22 @@ def test_cuda_forward_backward_bf16():
         main, aux = model(torch.randn(2, 3, 64, 64, device="cuda"))
     ANNLoss(min_kept=100)((main, aux), torch.randint(0, 3, (2, 64, 64), device="cuda")).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["fcn", "nb", "ann"])
+def test_fuse_for_inference_keeps_the_output(variant):
+    model = create_model(f"{variant}_resnet18", num_classes=3, head_channels=32, key_channels=8, value_channels=8)
+    for module in model.modules():  # non-trivial statistics and a non-zero W, so folding matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    model.eval()
+    image = torch.randn(1, 3, 41, 37)
+    with torch.no_grad():
+        expected = model(image)
+        assert model.fuse_for_inference() is model
+        assert variant == "fcn" or model.apnb.folded is not None
+        torch.testing.assert_close(model(image), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="eval"):
+        create_model("ann_resnet18", num_classes=3).train().fuse_for_inference()
