@@ -74,12 +74,13 @@ def test_cli_dynamic_export_agrees_at_other_sizes(folder: Path, dynamic: tuple[P
 
     model = annseg.load(folder / "corners.ckpt")
     assert model.network.align_corners is True
-    inputs = [torch.randn(1, 3, 45, 21), torch.randn(3, 3, 37, 61), torch.randn(1, 3, 96, 64)]
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(size, generator=generator) for size in ((1, 3, 45, 21), (3, 3, 37, 61), (1, 3, 96, 64))]
     check = check_onnx(out, model, inputs)
     assert check.max_abs_logit > 0.5 and check.max_abs_diff <= tolerance(check.max_abs_logit)
-    labels = onnxruntime.InferenceSession(str(out)).run(None, {"image": inputs[0].numpy()})[0].argmax(1)
+    labels = onnxruntime.InferenceSession(str(out)).run(None, {"image": inputs[2].numpy()})[0].argmax(1)
     with torch.no_grad():
-        expected = model(inputs[0]).argmax(1).numpy()
+        expected = model(inputs[2]).argmax(1).numpy()
     assert len(np.unique(expected)) > 1 and (labels == expected).mean() > 0.99
 
 

@@ -32,6 +32,7 @@ def tiny_checkpoint(path, *extra: str, classes: int = 3):
 
     config = load_config(None, [*TINY, *extra])
     generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the initial weights too: the same network whatever ran before
     network = build_model(config.model, classes, load_backbone_weights=False)
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
