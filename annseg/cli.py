@@ -558,8 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     _report_library_messages()
     try:
         args.run(args)
-    except KeyboardInterrupt:
-        raise SystemExit("annseg: interrupted")
+    except KeyboardInterrupt as interrupt:
+        raise SystemExit(f"annseg: interrupted{f'; {interrupt}' if str(interrupt) else ''}")
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as error:
         raise SystemExit(f"annseg: error: {_one_line(error)}")
 

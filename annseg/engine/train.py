@@ -154,7 +154,13 @@ def fit(
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(config))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"the checkpoints in {out_dir / 'checkpoints'} are whole; continue with "
+                                    "--resume latest") from None
+        raise
     trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     if module.val_scores is None or trainer.global_step % train.val_every:
         trainer.validate(module, datamodule=datamodule, verbose=False)

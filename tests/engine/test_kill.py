@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -79,3 +80,18 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"seed {SEED}: resumed weights differ in {different[:5]}"
     assert json.loads((out / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
+
+
+def test_ctrl_c_stops_with_a_line_saying_how_to_resume(tmp_path: Path) -> None:
+    markers, out = tmp_path / "markers", tmp_path / "run"
+    proc = start(markers, out)
+    deadline = time.monotonic() + 300
+    while not (markers / "step-4").exists():  # after the checkpoint at iteration 3
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"annseg: interrupted; the checkpoints in {out / 'checkpoints'} are whole; continue with --resume latest")
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] >= 3
