@@ -319,7 +319,10 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     for pattern in (".*LeafSpec.*", ".*litlogger.*", ".*smaller than the logging interval.*",
-                    ".*does not have many workers.*", ".*weights_only.*", ".*sync_dist=True.*"):
+                    ".*does not have many workers.*", ".*weights_only.*", ".*sync_dist=True.*",
+                    # resuming: the checkpoint folder is meant to be there, and the train sampler
+                    # continues at the checkpoint's iteration (IterationSampler), so it is resumable
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*dataloader is not resumable.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

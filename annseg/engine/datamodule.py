@@ -49,14 +49,20 @@ class IterationDataset(Dataset):
 
 
 class IterationSampler(Sampler[int]):
-    """This rank's positions for micro-batches ``start .. stop - 1``, in order."""
+    """This rank's positions for micro-batches ``start .. stop - 1``, in order.
+
+    The whole run is one epoch. Its length is the whole run's (``stop`` micro-batches) even
+    when it starts later: a resumed Lightning loop counts the epoch's batches from 0 (it
+    restores the batch index), so a length of only the remaining batches ends the epoch early
+    and the next epoch would replay the data from ``start``.
+    """
 
     def __init__(self, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
         self.start, self.stop, self.batch_size = start, stop, batch_size
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return max(self.stop - self.start, 0) * self.batch_size
+        return self.stop * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         for micro_batch in range(self.start, self.stop):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -13,6 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import Dataset
 
 from annseg.engine.builders import build_model
@@ -70,10 +74,11 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     return path
 
 
-def check_resumable(path: Path, config: Config, classes: list[str]) -> None:
+def check_resumable(path: Path, config: Config, classes: list[str]) -> int:
     """The checkpoint at ``path`` must hold this run's network and classes (a clear error, not a
-    size-mismatch traceback from ``load_state_dict``)."""
-    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["annseg"]
+    size-mismatch traceback from ``load_state_dict``); returns the iteration it was saved at."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    meta = checkpoint["annseg"]
     saved = meta["config"]["model"]
     if saved != _plain_model(config):
         raise ConfigError(f"--resume: checkpoint {path} holds model {saved}, but this run's config builds "
@@ -81,6 +86,39 @@ def check_resumable(path: Path, config: Config, classes: list[str]) -> None:
     if len(meta["classes"]) != len(classes):
         raise ConfigError(f"--resume: checkpoint {path} was trained for {len(meta['classes'])} classes, but dataset "
                           f"{config.data.dataset!r} has {len(classes)}; resume on the dataset it was trained on")
+    return int(checkpoint["global_step"])
+
+
+class _ContinuingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to the file of the run being resumed (its own deletes it)."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+
+def csv_logger(out_dir: Path, resume_step: int | None) -> CSVLogger:
+    """``<out>/logs/metrics.csv``; a resumed run keeps the rows logged before its checkpoint.
+
+    Rows from after the checkpoint are dropped (the run logs those iterations again); the
+    file is replaced whole, so a kill leaves either the old history or the trimmed one.
+    """
+    logger = CSVLogger(out_dir, name="logs", version="")
+    path = Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+    if resume_step is None or rank_zero_only.rank != 0 or not path.is_file():
+        return logger
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = [row for row in reader if int(row["step"]) < resume_step]
+        header = list(reader.fieldnames or [])
+    text = io.StringIO(newline="")
+    table = csv.DictWriter(text, fieldnames=header)
+    table.writeheader()
+    table.writerows(rows)
+    write_text(path, text.getvalue())
+    writer = _ContinuingCSVWriter(logger.log_dir)
+    writer.metrics_keys = header
+    logger._experiment = writer  # what CSVLogger.experiment would create, minus the deletion
+    return logger
 
 
 def _plain_model(config: Config) -> dict[str, Any]:
@@ -130,8 +168,7 @@ def fit(
     datamodule = SegmentationDataModule(config)
     datamodule.setup("validate")  # the validation set names the classes; fit() reuses it
     module = build_module(config, datamodule.val_set)
-    if ckpt_path is not None:
-        check_resumable(ckpt_path, config, module.class_names)
+    resume_step = None if ckpt_path is None else check_resumable(ckpt_path, config, module.class_names)
     distributed = hardware.num_nodes > 1 or (isinstance(hardware.devices, int) and hardware.devices > 1)
     on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
     checkpoints = ModelCheckpoint(
@@ -147,7 +184,7 @@ def fit(
         check_val_every_n_epoch=None, log_every_n_steps=train.log_every, num_sanity_val_steps=0,
         deterministic="warn" if train.deterministic else False, use_distributed_sampler=False,
         callbacks=[checkpoints, *([TQDMProgressBar(refresh_rate=progress)] if progress else [])],
-        logger=[CSVLogger(out_dir, name="logs", version=""), TensorBoardLogger(out_dir, name="logs", version="")],
+        logger=[csv_logger(out_dir, resume_step), TensorBoardLogger(out_dir, name="logs", version="")],
         plugins=[AtomicCheckpointIO()], default_root_dir=out_dir, enable_model_summary=False,
         enable_progress_bar=progress > 0,
     )
@@ -172,8 +209,13 @@ def fit(
     return scores
 
 
-def write_json(path: Path, data: dict) -> None:
-    """``data`` as JSON at ``path``, through a temporary file: a kill leaves the old file or the new."""
+def write_text(path: Path, text: str) -> None:
+    """``text`` at ``path``, through a temporary file: a kill leaves the old file or the new."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.write_text(text, newline="")
     os.replace(temporary, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, written atomically (``write_text``)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")

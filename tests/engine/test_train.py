@@ -1,3 +1,4 @@
+import csv
 import shutil
 from pathlib import Path
 
@@ -15,27 +16,43 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)["state_dict"]
 
 
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
 def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    config = load_config(None, TINY)
+    config = load_config(None, [*TINY, "train.max_iters=6", "train.val_every=3"])
     scores = fit(config, tmp_path / "full", progress=0)
     full = tmp_path / "full" / "checkpoints"
-    assert sorted(p.name for p in full.iterdir()) == ["iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"]
-    assert scores["iterations"] == 4 and 0.0 <= scores["mIoU"] <= 1.0
+    assert sorted(p.name for p in full.iterdir()) == [
+        "iter_000002.ckpt", "iter_000004.ckpt", "iter_000006.ckpt", "last.ckpt"]
+    assert scores["iterations"] == 6 and 0.0 <= scores["mIoU"] <= 1.0
     assert (tmp_path / "full" / "logs" / "metrics.csv").is_file()
     assert any((tmp_path / "full" / "logs").glob("events.out.tfevents*"))
 
-    # A run stopped after iteration 2 (its checkpoint is the same file), resumed in a fresh Trainer.
+    # A run stopped after iteration 2 (its checkpoint is the same file; its logs went on to the
+    # end), resumed in a fresh Trainer. Resuming in the first half of the run matters: Lightning
+    # restores the batch index, so a sampler that reported only the remaining length ended the
+    # epoch early and replayed batches.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "iter_000002.ckpt", tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    shutil.copytree(tmp_path / "full" / "logs", tmp_path / "cut" / "logs")
     fit(config, tmp_path / "cut", resume="latest", progress=0)
     resumed, expected = _weights(tmp_path / "cut" / "checkpoints" / "last.ckpt"), _weights(full / "last.ckpt")
     assert resumed.keys() == expected.keys()
     for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
-    # and it really trained on: the weights moved between iteration 2 and 4
+        assert torch.equal(resumed[key], expected[key]), key
+    # and it really trained on: the weights moved between iteration 2 and 6
     assert any(not torch.equal(_weights(full / "iter_000002.ckpt")[k], expected[k]) for k in expected)
     checkpoint = read_checkpoint(full / "last.ckpt")
-    assert checkpoint["global_step"] == 4 and checkpoint["lr_schedulers"][0]["last_epoch"] == 4
+    assert checkpoint["global_step"] == 6 and checkpoint["lr_schedulers"][0]["last_epoch"] == 6
+
+    # The CSV log keeps the rows from before the checkpoint and logs the rest once, as one run.
+    rows, uninterrupted = _csv(tmp_path / "cut" / "logs" / "metrics.csv"), _csv(tmp_path / "full" / "logs" / "metrics.csv")
+    assert [(r["epoch"], r["step"]) for r in rows] == [(r["epoch"], r["step"]) for r in uninterrupted]
+    assert rows[0] == uninterrupted[0] and int(rows[0]["step"]) < 2
+    assert [r["val/mIoU"] for r in rows] == [r["val/mIoU"] for r in uninterrupted]
 
     model, meta = load_model(full / "last.ckpt")
     assert meta["classes"] == list(Synthetic.classes) and meta["config"] == config
@@ -55,6 +72,7 @@ def test_data_order_is_a_function_of_the_position() -> None:
     dataset = IterationDataset(Synthetic("train", size=(32, 48), length=5), seed=3)
     ranks = [list(IterationSampler(2, 4, batch_size=3, rank=r, world_size=2)) for r in range(2)]
     assert ranks == [[12, 13, 14, 18, 19, 20], [15, 16, 17, 21, 22, 23]]  # disjoint, contiguous per micro-batch
+    assert len(IterationSampler(2, 4, batch_size=3)) == 12  # the whole run's length (see its docstring)
     first, again = dataset[7], dataset[7]
     assert first["name"] == again["name"] and torch.equal(first["image"], again["image"])
     epoch = [dataset[p]["name"] for p in range(5)]
