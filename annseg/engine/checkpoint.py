@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -17,27 +19,35 @@ from annseg.engine.builders import build_model
 from annseg.engine.config import Config, ConfigError, config_from_dict
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``path`` through a temporary file in the same folder, then renames it.
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` only when the block completes.
 
-    A rename is atomic on POSIX file systems, so a job killed while saving leaves the previous
-    checkpoint intact and at worst a stray ``.tmp`` file, never a half-written checkpoint.
+    It is written to a temporary file in the same folder, synced and renamed: a rename is
+    atomic on POSIX file systems, so a job killed meanwhile leaves the previous file intact and
+    at worst a stray ``.<name>.tmp-<pid>`` (``remove_partial_writes`` deletes those).
     """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer through ``atomic_file``: never a half-written checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with atomic_file(path) as file:
+            torch.save(checkpoint, file)
 
 
 def model_meta(config: Config, classes: list[str], palette: list[list[int]]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 from annseg.engine.builders import build_model
 from annseg.engine.checkpoint import (
     AtomicCheckpointIO,
+    atomic_file,
     latest_checkpoint,
     model_meta,
     read_checkpoint,
@@ -190,7 +190,7 @@ def fit(
     )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(config))
+        write_text(out_dir / "config.yaml", dump_config(config))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
@@ -210,10 +210,9 @@ def fit(
 
 
 def write_text(path: Path, text: str) -> None:
-    """``text`` at ``path``, through a temporary file: a kill leaves the old file or the new."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, newline="")
-    os.replace(temporary, path)
+    """``text`` (UTF-8) at ``path`` through ``atomic_file``: a kill leaves the old file or the new."""
+    with atomic_file(path) as file:
+        file.write(text.encode())
 
 
 def write_json(path: Path, data: dict) -> None:
