@@ -7,8 +7,11 @@ built, decoding and checking each item when read -- happens here, the same way f
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,11 @@ from torchvision import tv_tensors
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Decoded formats a mask may have: lossless ones only (a lossy file shifts ids at class borders).
+MASK_FORMATS = ("PNG", "BMP", "GIF", "TIFF")
+_LOSSY_TIFF = ("jpeg", "webp")  # TIFF compressions that lose information
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -35,6 +43,63 @@ def _open(path: Path, what: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot read {what} ({error}); expected a complete PNG or JPEG file") from None
     return image
+
+
+def read_text(path: Path, what: str) -> str:
+    """The text of ``path`` as UTF-8 (a byte-order mark is dropped), naming the file if it is not."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: {what} is not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                        "save it as UTF-8") from None
+
+
+def find_files(folder: Path, suffixes: Sequence[str] = (), pattern: str = "*") -> tuple[list[Path], list[Path]]:
+    """Files below ``folder`` named like ``pattern`` with one of ``suffixes`` (any case; empty:
+    any suffix), and the dangling symlinks so named: both sorted, under the paths the tree shows.
+
+    Symlinks are followed wherever they point, so a linked sub-folder counts as part of the tree.
+    A link back to a folder above it (a loop) is not followed, and each real folder is read once
+    (a second link to a folder already read is not entered); both with a warning naming the link.
+    A sub-folder that cannot be listed is an error naming it, not a silent gap.
+    """
+    files: list[Path] = []
+    dangling: list[Path] = []
+    seen = {os.path.realpath(folder)}
+
+    def unreadable(error: OSError) -> None:
+        raise DataError(f"{error.filename}: cannot list folder ({error.strerror}); fix its permissions") from None
+
+    for top, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        entered, real_top = [], os.path.realpath(top)
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, name))
+            if real == real_top or real_top.startswith(real.rstrip(os.sep) + os.sep):
+                log.warning("%s is a symlink loop (it leads back to %s, a folder above it); not following it",
+                            Path(top, name), real)
+            elif real in seen:
+                log.warning("%s leads to %s, a folder already read through another path; not reading it twice",
+                            Path(top, name), real)
+            else:
+                seen.add(real)
+                entered.append(name)
+        dirs[:] = entered
+        for name in names:
+            path = Path(top, name)
+            if not fnmatchcase(name, pattern) or (suffixes and path.suffix.lower() not in suffixes):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                dangling.append(path)
+    return sorted(files), sorted(dangling)
+
+
+def dangling_link_error(link: Path, what: str) -> DataError:
+    """A symlink ``link`` whose target does not exist, where the split needs a ``what``."""
+    return DataError(f"{link}: {what} is a symlink to {os.readlink(link)}, which does not exist; "
+                     "fix the link or remove it")
 
 
 def read_image(path: Path) -> tv_tensors.Image:
@@ -92,8 +157,17 @@ def array_as_rgb(array: np.ndarray) -> torch.Tensor:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Read the raw integer ids (H, W) uint8 stored in a single-channel 'L' or 'P' PNG."""
+    """Read the raw integer ids (H, W) uint8 stored in a single-channel 'L' or 'P' PNG.
+
+    The decoded format decides, not the file name: a JPEG (or another lossy format) named
+    ``.png`` is refused, since lossy compression changes ids where classes meet.
+    """
     mask = _open(Path(path), "mask")
+    compression = str(mask.info.get("compression", "")).lower() if mask.format == "TIFF" else ""
+    if mask.format not in MASK_FORMATS or compression in _LOSSY_TIFF:
+        kind = f"a {compression}-compressed TIFF" if compression in _LOSSY_TIFF else f"a {mask.format or 'unknown-format'} file"
+        raise DataError(f"{path}: mask is {kind} (lossy: its labels are approximate); masks must be PNG (or "
+                        f"another lossless format: {', '.join(MASK_FORMATS)}) -- export the labels again losslessly")
     if mask.mode not in ("L", "P"):
         raise DataError(
             f"{path}: mask has mode {mask.mode!r}; expected an 8-bit single-channel PNG (mode 'L' or 'P') "
@@ -150,7 +224,7 @@ class SegmentationDataset(Dataset):
         image_dir, images = self._images()
         self.pairs: list[tuple[Path, Path]] = [(image, self._mask_for(image)) for image in images]
         if not self.pairs:
-            others = sorted(p.name for p in image_dir.rglob("*") if p.is_file()) if image_dir.is_dir() else []
+            others = [p.name for p in find_files(image_dir)[0]] if image_dir.is_dir() else []
             found = f"; it holds {len(others)} other file(s), e.g. {_short_list(others, 3)}" if others else ""
             raise DataError(f"{image_dir}: no images found for split {split!r}; expected {self.layout} images "
                             f"({', '.join(IMAGE_SUFFIXES)}) there{found}")
@@ -182,14 +256,22 @@ class SegmentationDataset(Dataset):
         return path
 
     def _list_images(self, folder: Path, pattern: str = "*", suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
-        """Image files under ``folder`` (searched recursively) matching ``pattern``, sorted."""
-        return sorted(p for p in self._require(folder).rglob(pattern) if p.suffix.lower() in suffixes and p.is_file())
+        """Image files under ``folder`` (recursively, through symlinks) matching ``pattern``, sorted.
+
+        A dangling symlink named like an image is an error: the split would silently lack it.
+        """
+        images, dangling = find_files(self._require(folder), suffixes, pattern)
+        if dangling:
+            raise dangling_link_error(dangling[0], "image")
+        return images
 
     def _mask_for(self, image: Path) -> Path:
         candidates = self._mask_candidates(image)
         for mask in candidates:
             if mask.is_file():
                 return mask
+            if mask.is_symlink():  # a link whose target is missing: say so, not "no mask"
+                raise dangling_link_error(mask, "mask")
         expected = " or ".join(str(c) for c in candidates)
         raise DataError(f"{image}: no mask found; expected {expected}")
 

@@ -11,8 +11,10 @@ from annseg.data.base import (
     IGNORE_INDEX,
     DataError,
     SegmentationDataset,
+    dangling_link_error,
     identity_lut,
     make_lut,
+    read_text,
     reduce_zero_lut,
 )
 from annseg.data.meta import (
@@ -112,8 +114,10 @@ class PascalContext(SegmentationDataset):
         self._require(self.root / "SegmentationClassContext")
         split_file = self._require(self.root / "ImageSets" / "SegmentationContext" / f"{self.split}.txt")
         images = []
-        for stem in split_file.read_text().split():
+        for stem in read_text(split_file, "split list").split():
             image = image_dir / f"{stem}.jpg"
+            if image.is_symlink() and not image.exists():
+                raise dangling_link_error(image, f"image {stem!r} of {split_file}")
             if not image.is_file():
                 raise DataError(f"{split_file}: lists {stem!r} but {image} does not exist")
             images.append(image)
@@ -134,7 +138,7 @@ def read_classes(path: Path) -> tuple[tuple[str, ...], Palette]:
         raise DataError(f"expected {path}: one class name per line, optionally followed by 'R G B'")
     names: list[str] = []
     colours: list[tuple[int, int, int] | None] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "class list").splitlines(), start=1):
         words = line.split()
         if not words:
             continue

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,5 +217,19 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """``data`` as JSON at ``path``, written atomically (``write_text``)."""
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    """``data`` as JSON at ``path``, written atomically (``write_text``): every JSON file annseg writes.
+
+    JSON has no NaN or infinity (Python's ``json`` would write invalid JSON), so a non-finite
+    float -- a score with nothing to count -- is written as null.
+    """
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    write_text(path, json.dumps(finite(data), indent=2, allow_nan=False) + "\n")
