@@ -24,9 +24,11 @@ from torchvision import tv_tensors
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-# Decoded formats a mask may have: lossless ones only (a lossy file shifts ids at class borders).
-MASK_FORMATS = ("PNG", "BMP", "GIF", "TIFF")
-_LOSSY_TIFF = ("jpeg", "webp")  # TIFF compressions that lose information
+# Decoded formats a mask may have: lossless ones that store the ids as written. Lossy formats
+# change ids where classes meet; GIF writers reorder the palette, so its indices are not the ids.
+MASK_FORMATS = ("PNG", "BMP", "TIFF")
+_LOSSY_FORMATS = ("JPEG", "MPO", "JPEG2000", "WEBP")  # (WebP and JPEG 2000 may be lossless; Pillow cannot tell)
+_LOSSY_TIFF = ("jpeg", "tiff_jpeg", "webp")  # TIFF compressions that lose information
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +68,22 @@ def find_files(folder: Path, suffixes: Sequence[str] = (), pattern: str = "*") -
     """
     files: list[Path] = []
     dangling: list[Path] = []
-    seen = {os.path.realpath(folder)}
 
     def unreadable(error: OSError) -> None:
         raise DataError(f"{error.filename}: cannot list folder ({error.strerror}); fix its permissions") from None
 
+    inside = {os.path.realpath(top) for top, _, _ in os.walk(folder, onerror=unreadable)}  # the tree without links
+    seen = set(inside)
     for top, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
         entered, real_top = [], os.path.realpath(top)
         for name in sorted(dirs):
-            real = os.path.realpath(os.path.join(top, name))
+            path = Path(top, name)
+            real = os.path.realpath(path)
             if real == real_top or real_top.startswith(real.rstrip(os.sep) + os.sep):
-                log.warning("%s is a symlink loop (it leads back to %s, a folder above it); not following it",
-                            Path(top, name), real)
-            elif real in seen:
+                log.warning("%s is a symlink loop (it leads back to %s, a folder above it); not following it", path, real)
+            elif real in seen and (path.is_symlink() or real not in inside):
                 log.warning("%s leads to %s, a folder already read through another path; not reading it twice",
-                            Path(top, name), real)
+                            path, real)
             else:
                 seen.add(real)
                 entered.append(name)
@@ -159,15 +162,16 @@ def array_as_rgb(array: np.ndarray) -> torch.Tensor:
 def read_mask(path: Path) -> np.ndarray:
     """Read the raw integer ids (H, W) uint8 stored in a single-channel 'L' or 'P' PNG.
 
-    The decoded format decides, not the file name: a JPEG (or another lossy format) named
-    ``.png`` is refused, since lossy compression changes ids where classes meet.
+    The decoded format decides, not the file name: only ``MASK_FORMATS`` are read, so a JPEG
+    named ``.png`` is refused (lossy compression changes ids where classes meet).
     """
     mask = _open(Path(path), "mask")
     compression = str(mask.info.get("compression", "")).lower() if mask.format == "TIFF" else ""
     if mask.format not in MASK_FORMATS or compression in _LOSSY_TIFF:
         kind = f"a {compression}-compressed TIFF" if compression in _LOSSY_TIFF else f"a {mask.format or 'unknown-format'} file"
-        raise DataError(f"{path}: mask is {kind} (lossy: its labels are approximate); masks must be PNG (or "
-                        f"another lossless format: {', '.join(MASK_FORMATS)}) -- export the labels again losslessly")
+        lossy = " (lossy: its labels are approximate)" if compression or mask.format in _LOSSY_FORMATS else ""
+        raise DataError(f"{path}: mask is {kind}{lossy}; masks must be PNG (or BMP, or TIFF without lossy "
+                        "compression) -- save the label ids again as PNG")
     if mask.mode not in ("L", "P"):
         raise DataError(
             f"{path}: mask has mode {mask.mode!r}; expected an 8-bit single-channel PNG (mode 'L' or 'P') "

@@ -251,3 +251,52 @@ def test_same_name_with_two_extensions(tmp_path: Path) -> None:
     write_mask(root / "masks" / "train" / "a.png", stripes([0]))
     with pytest.raises(DataError, match=r"images \['a'\] appear with two extensions"):
         FolderDataset(root, "train")
+
+
+@pytest.mark.parametrize(
+    ("write", "dataset", "split", "image_dir", "mask_dir"),
+    [
+        (write_cityscapes, Cityscapes, "train", "leftImg8bit/train", None),
+        (write_ade20k, ADE20K, "train", "images/training", None),
+        (write_folder, FolderDataset, "train", "images/train", "masks/train"),
+    ],
+)
+def test_symlinked_image_sub_folder_counts(tmp_path: Path, write, dataset, split: str, image_dir: str,
+                                           mask_dir: str | None) -> None:
+    """Each image folder's content lives elsewhere, linked in as a sub-folder (a city, a shared disk)."""
+    root = write(tmp_path / "data")
+    names = dataset(root, split).names
+    for image in sorted((root / image_dir).rglob("*.*")):
+        sub = image.parent.name if image.parent != root / image_dir else "linked"
+        moved = tmp_path / "store" / sub / image.name
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        image.rename(moved)
+        if mask_dir is not None:  # the folder dataset's masks mirror the image sub-folders
+            mask = (root / mask_dir / image.name).with_suffix(".png")
+            (root / mask_dir / sub).mkdir(exist_ok=True)
+            mask.rename(root / mask_dir / sub / mask.name)
+        if image.parent.is_dir() and image.parent != root / image_dir:
+            image.parent.rmdir()
+        if not (root / image_dir / sub).is_symlink():
+            (root / image_dir / sub).symlink_to(moved.parent, target_is_directory=True)
+    linked = dataset(root, split)
+    expected = names if dataset is Cityscapes else [f"linked/{name}" for name in names]  # a city stays a city
+    assert linked.names == expected and _mask_of(linked).shape == (HEIGHT, WIDTH)
+
+
+def test_pascal_context_listed_image_that_is_a_dangling_link(tmp_path: Path) -> None:
+    root = write_pascal_context(tmp_path)
+    image = root / "JPEGImages" / "2008_000002.jpg"
+    image.unlink()
+    image.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(DataError, match=f"{image}: image '2008_000002' of .*train.txt is a symlink to .*gone.jpg, "
+                                        "which does not exist; fix the link or remove it"):
+        PascalContext(root, "train")
+
+
+def test_pascal_context_split_list_not_utf8(tmp_path: Path) -> None:
+    root = write_pascal_context(tmp_path)
+    split_file = root / "ImageSets" / "SegmentationContext" / "train.txt"
+    split_file.write_bytes(b"2008_000002\n\xff\n")
+    with pytest.raises(DataError, match=f"{split_file}:2: split list is not UTF-8 text"):
+        PascalContext(root, "train")

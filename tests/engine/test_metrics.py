@@ -27,3 +27,27 @@ def test_logits_are_argmaxed_and_table_lists_classes() -> None:
     assert scores["mIoU"] == 1.0
     table = format_table(scores)
     assert "road" in table and "sky" in table and "mIoU 100.0" in table
+
+
+def test_class_only_predicted_counts_in_miou_but_has_no_accuracy_and_the_table_says_why() -> None:
+    metrics = SegmentationMetrics(4)
+    metrics.update(torch.tensor([[[0, 0, 2]]]), torch.tensor([[[0, 0, 0]]]))  # 2 predicted, absent from the truth
+    scores = metrics.compute_scores(["a", "b", "c", "d"])
+    assert math.isclose(scores["IoU"]["a"], 2 / 3) and scores["IoU"]["c"] == 0.0 and math.isnan(scores["Acc"]["c"])
+    assert math.isnan(scores["IoU"]["b"]) and math.isnan(scores["Acc"]["b"])
+    assert math.isclose(scores["mIoU"], (2 / 3 + 0) / 2) and math.isclose(scores["mAcc"], 2 / 3)
+    lines = format_table(scores).splitlines()
+    assert "| b     |     - |     - |" in lines and "| c     |   0.0 |     - |" in lines
+    assert lines[-2:] == ["-: class absent from ground truth and prediction, left out of the means: b, d",
+                          "-: class absent from ground truth (its IoU counts, it was predicted), left out of mAcc: c"]
+
+
+def test_no_labelled_pixels_gives_no_score_not_zero() -> None:
+    metrics = SegmentationMetrics(2)
+    metrics.update(torch.tensor([[[0, 1]]]), torch.tensor([[[255, 255]]]))
+    scores = metrics.compute_scores(["road", "sky"])
+    assert scores["pixels"] == 0 and all(math.isnan(scores[key]) for key in ("mIoU", "mAcc", "aAcc"))
+    as_json = {**scores, "aAcc": None, "IoU": {"road": None, "sky": None}}  # what metrics.json gives back
+    for table in (format_table(scores), format_table(as_json)):
+        assert "mIoU -  pixel accuracy -" in table and table.endswith("-: no labelled pixels (every mask pixel is "
+                                                                       "ignore), so there is nothing to score")

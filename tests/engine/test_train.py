@@ -103,3 +103,18 @@ def test_same_seed_gives_identical_weights_and_metrics(tmp_path: Path) -> None:
     other = fit(load_config(None, [*TINY, "train.seed=1"]), tmp_path / "c", progress=0)
     assert _weights(tmp_path / "c" / "checkpoints" / "last.ckpt")["model.classifier.weight"].ne(
         a["model.classifier.weight"]).any() and other["iterations"] == first["iterations"]
+
+
+def test_write_json_writes_non_finite_floats_as_null(tmp_path: Path) -> None:
+    import json
+
+    from annseg.engine.train import write_json
+
+    write_json(tmp_path / "scores.json", {"mIoU": float("nan"), "IoU": {"a": 0.5, "b": float("inf")},
+                                          "curve": (1.0, float("-inf")), "pixels": 0})
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in JSON")
+
+    assert json.loads((tmp_path / "scores.json").read_text(), parse_constant=refuse) == {
+        "mIoU": None, "IoU": {"a": 0.5, "b": None}, "curve": [1.0, None], "pixels": 0}
