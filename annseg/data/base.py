@@ -255,6 +255,8 @@ class SegmentationDataset(Dataset):
 
     def _require(self, path: Path) -> Path:
         """Fail early, naming the folder or file the layout needs, when root points elsewhere."""
+        if path.is_symlink() and not path.exists():
+            raise dangling_link_error(path, "folder")
         if not path.exists():
             raise DataError(f"expected {path} ({self.layout} layout); check that root points at the dataset folder")
         return path

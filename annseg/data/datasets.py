@@ -170,6 +170,8 @@ class FolderDataset(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str, transforms: Callable | None = None) -> None:
         images = self._require(Path(root) / "images")
+        if (images / split).is_symlink():
+            self._require(images / split)  # a dangling split link is named, not "unknown split"
         self.splits = tuple(sorted(p.name for p in images.iterdir() if p.is_dir()))
         self.classes, self.palette = read_classes(Path(root) / "classes.txt")
         self.raw_ids = f"train ids 0..{len(self.classes) - 1} (classes.txt) and {IGNORE_INDEX} ignore"

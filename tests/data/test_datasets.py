@@ -300,3 +300,16 @@ def test_pascal_context_split_list_not_utf8(tmp_path: Path) -> None:
     split_file.write_bytes(b"2008_000002\n\xff\n")
     with pytest.raises(DataError, match=f"{split_file}:2: split list is not UTF-8 text"):
         PascalContext(root, "train")
+
+
+def test_dangling_split_folder_link_names_the_link(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "folder")
+    (root / "images" / "val").symlink_to(tmp_path / "unmounted" / "val", target_is_directory=True)
+    with pytest.raises(DataError, match=f"{root / 'images' / 'val'}: folder is a symlink to .*unmounted/val, which "
+                                        "does not exist"):
+        FolderDataset(root, "val")
+    cities = write_cityscapes(tmp_path / "cityscapes", "val")
+    (cities / "gtFine" / "val").rename(tmp_path / "gtFine-val")
+    (cities / "gtFine" / "val").symlink_to(tmp_path / "moved-away", target_is_directory=True)
+    with pytest.raises(DataError, match=f"{cities / 'gtFine' / 'val'}: folder is a symlink to .*moved-away"):
+        Cityscapes(cities, "val")
