@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--anchors", type=_anchor_sizes, nargs="+", default=[(1, 3, 6, 8)], metavar="S1,S2,...",
                         help="APNB pooling sizes (1,3,6,8); several sets sweep them, e.g. 1 1,2 1,3,6,8 1,2,3,6")
     blocks.add_argument("--forward-only", action="store_true", help="skip the training (forward + backward) runs")
-    _add_run_options(blocks, "bench-out/blocks")
+    _add_run_options(blocks, "bench-out/blocks", "20 on a GPU, the paper's protocol; 5 on the CPU; 3 with --quick")
     blocks.set_defaults(run=_cmd_bench_blocks)
 
     model = bench_commands.add_parser(
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the blocks' BatchNorms and W unfolded (default: fuse_for_inference())")
     model.add_argument("--tf32", action="store_true",
                        help="CUDA matmuls in TF32, as cuDNN runs the backbone's convolutions by default")
-    _add_run_options(model, "bench-out/model")
+    _add_run_options(model, "bench-out/model", "20 on a GPU, the paper's protocol; 3 on the CPU")
     model.set_defaults(run=_cmd_bench_model)
 
     readme = bench_commands.add_parser(
@@ -142,7 +142,9 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=None,
                        help="run folder (default: runs/<config name>, runs/default without --config)")
     train.add_argument("--resume", default=None, metavar="CKPT|latest",
-                       help="continue from a checkpoint; 'latest' = <out>/checkpoints/last.ckpt")
+                       help="continue from a checkpoint; 'latest' = the newest whole checkpoint in "
+                            "<out>/checkpoints (last.ckpt or iter_*.ckpt, damaged ones skipped), or iteration 0 "
+                            "when there is none")
     train.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (Lightning's names)")
     train.add_argument("--devices", default="auto", help="devices per node: a number or auto")
     train.add_argument("--num-nodes", type=_positive, default=1)
@@ -229,9 +231,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>12,}")
 
 
-def _add_run_options(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--repeats", type=_positive, default=None,
-                        help="timed runs per case (20 on a GPU, the paper's protocol; 5 on the CPU; 3 with --quick)")
+def _add_run_options(parser: argparse.ArgumentParser, out: str, repeats: str) -> None:
+    parser.add_argument("--repeats", type=_positive, default=None, help=f"timed runs per case ({repeats})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
     parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
