@@ -188,7 +188,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
                               "(default: the checkpoint's own names, else the dataset its class count suggests)")
     convert.set_defaults(run=_cmd_convert)
 
-    export = commands.add_parser("export", help="export a trained model to another format (onnx)")
+    export = commands.add_parser("export", help="export a trained model: onnx, or its weights alone")
     formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     onnx = formats.add_parser(
         "onnx", help="ONNX file of the network, checked against PyTorch with onnxruntime",
@@ -209,6 +209,17 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
                       help="batch, height and width free at run time (default: fixed 1 x 3 x H x W)")
     onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
     onnx.set_defaults(run=_cmd_export_onnx)
+    weights = formats.add_parser(
+        "weights", help="the network and its metadata alone: a small checkpoint for eval, predict and annseg.load",
+        description="Writes the network's weights with the class names, palette, normalisation and config of a "
+        "training checkpoint, without the optimiser state, lr schedule and RNG states (about half the size "
+        "for SGD with momentum). eval, predict, annseg.load and train.init_from read it; --resume does not.")
+    weights.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
+                         help=f"training checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
+    weights.add_argument("--out", type=Path, default=None,
+                         help="file to write (default: <run folder>/model.ckpt, the run folder being the one that "
+                              "holds checkpoints/)")
+    weights.set_defaults(run=_cmd_export_weights)
 
     demo = commands.add_parser(
         "demo", help="the main job: train on the built-in dataset, evaluate, write overlays (minutes on a CPU)",
@@ -514,6 +525,21 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     tested = ", ".join("x".join(map(str, size)) for size in check.sizes)
     print(f"onnxruntime vs PyTorch on random inputs {tested}: max abs diff {check.max_abs_diff:.3g} "
           f"(logits up to {check.max_abs_logit:.3g})")
+
+
+def _cmd_export_weights(args: argparse.Namespace) -> None:
+    from annseg.engine.checkpoint import export_weights
+
+    _require_default_checkpoint(args.checkpoint)
+    folder = args.checkpoint.parent
+    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.ckpt"
+    if out.resolve() == args.checkpoint.resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself; name another file")
+    export_weights(args.checkpoint, out)
+    size = lambda path: path.stat().st_size / 2**20  # noqa: E731
+    print(f"wrote {out}: {size(out):,.1f} MiB (the checkpoint: {size(args.checkpoint):,.1f} MiB); "
+          f"use it with: annseg eval --checkpoint {out}, annseg predict IMAGES --checkpoint {out}, "
+          f"annseg.load({str(out)!r})")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
