@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -325,7 +326,6 @@ def _cmd_bench_readme(args: argparse.Namespace) -> None:
 
 def _quiet_lightning() -> None:
     """Keep Lightning's banner lines and known third-party deprecation noise off the terminal."""
-    import logging
     import warnings
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -338,9 +338,25 @@ def _quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _refresh_rate() -> int:
-    """Progress bar refresh: every iteration on a terminal, every 50 in a log file (batch jobs)."""
-    return 1 if sys.stderr.isatty() else 50
+def _training_progress():
+    """A progress bar on a terminal; plain lines every 30 s in a log file (batch jobs), where a bar's
+    carriage returns and cursor moves would garble it."""
+    if sys.stderr.isatty():
+        return 1
+    from annseg.engine.progress import LineProgressBar
+
+    return LineProgressBar()
+
+
+def _progress(items, desc: str, unit: str):
+    """``items`` with a progress bar on a terminal, or plain progress lines in a log file."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
+    from annseg.engine.progress import progress_lines
+
+    return progress_lines(items, desc, unit)
 
 
 def _run_folder(args: argparse.Namespace, prefix: str = "") -> Path:
@@ -359,7 +375,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _quiet_lightning()
     out = _run_folder(args)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    scores = fit(config, out, resume=args.resume, progress=_refresh_rate(),
+    scores = fit(config, out, resume=args.resume, progress=_training_progress(),
                  hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
     if scores.get("world_size", 1) > 1:
         print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
@@ -391,8 +407,6 @@ def _inference_setup(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from annseg.engine import format_table
     from annseg.engine.train import write_json
     from annseg.engine.builders import build_val_dataset
@@ -403,7 +417,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     dataset = build_val_dataset(config, split)
     scores = evaluate(model, dataset, meta["classes"], config.eval, device=device,
                       num_workers=config.data.num_workers,
-                      progress=lambda items: tqdm(items, desc=f"eval {split}", unit="img", file=sys.stderr))
+                      progress=lambda items: _progress(items, f"eval {split}", "img"))
     folder = args.checkpoint.parent
     run_folder = folder.parent if folder.name == "checkpoints" else folder
     out = args.out or run_folder / f"eval-{split}.json"
@@ -415,8 +429,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from annseg.data import read_image
     from annseg.engine.predict import find_images, overlay
     from annseg.engine.segmenter import Segmenter
@@ -431,7 +443,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             raise ValueError(f"--format cityscapes needs a 19-class Cityscapes model; {args.checkpoint} "
                              f"has {segmenter.num_classes} classes")
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
+    for path in _progress(images, "predict", "img"):
         image = read_image(path)
         labels = segmenter.predict(image)
         if args.format == "cityscapes":
@@ -558,7 +570,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / f"demo-{config.model.variant}"
     _quiet_lightning()
     start = time.perf_counter()
-    fit(config, out, progress=_refresh_rate())
+    fit(config, out, progress=_training_progress())
     seconds = time.perf_counter() - start
     model, meta = load_model(out / "checkpoints" / "last.ckpt")
     raw = build_dataset(config.data, config.data.val_split, None, config.data.val_length)
@@ -596,15 +608,26 @@ def main(argv: list[str] | None = None) -> None:
 
 def _report_library_messages() -> None:
     """The library logs (it never prints); the command shows its messages as ``annseg: ...`` lines."""
-    import logging
-
     logger = logging.getLogger("annseg")
     if not any(getattr(h, "annseg_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter("annseg: %(message)s"))
         handler.annseg_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+class _BarSafeHandler(logging.Handler):
+    """Writes each message on its own line through ``tqdm.write``, which clears an active progress bar
+    first and redraws it after: nothing is glued to a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
 
 
 def _one_line(error: BaseException) -> str:
