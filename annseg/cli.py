@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--anchors", type=_anchor_sizes, nargs="+", default=[(1, 3, 6, 8)], metavar="S1,S2,...",
                         help="APNB pooling sizes (1,3,6,8); several sets sweep them, e.g. 1 1,2 1,3,6,8 1,2,3,6")
     blocks.add_argument("--forward-only", action="store_true", help="skip the training (forward + backward) runs")
-    _add_run_options(blocks, "bench-out/blocks")
+    _add_run_options(blocks, "bench-out/blocks", "20 on a GPU, the paper's protocol; 5 on the CPU; 3 with --quick")
     blocks.set_defaults(run=_cmd_bench_blocks)
 
     model = bench_commands.add_parser(
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the blocks' BatchNorms and W unfolded (default: fuse_for_inference())")
     model.add_argument("--tf32", action="store_true",
                        help="CUDA matmuls in TF32, as cuDNN runs the backbone's convolutions by default")
-    _add_run_options(model, "bench-out/model")
+    _add_run_options(model, "bench-out/model", "20 on a GPU, the paper's protocol; 3 on the CPU")
     model.set_defaults(run=_cmd_bench_model)
 
     readme = bench_commands.add_parser(
@@ -142,7 +143,9 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, default=None,
                        help="run folder (default: runs/<config name>, runs/default without --config)")
     train.add_argument("--resume", default=None, metavar="CKPT|latest",
-                       help="continue from a checkpoint; 'latest' = <out>/checkpoints/last.ckpt")
+                       help="continue from a checkpoint; 'latest' = the newest whole checkpoint in "
+                            "<out>/checkpoints (last.ckpt or iter_*.ckpt, damaged ones skipped), or iteration 0 "
+                            "when there is none")
     train.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (Lightning's names)")
     train.add_argument("--devices", default="auto", help="devices per node: a number or auto")
     train.add_argument("--num-nodes", type=_positive, default=1)
@@ -186,7 +189,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
                               "(default: the checkpoint's own names, else the dataset its class count suggests)")
     convert.set_defaults(run=_cmd_convert)
 
-    export = commands.add_parser("export", help="export a trained model to another format (onnx)")
+    export = commands.add_parser("export", help="export a trained model: onnx, or its weights alone")
     formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     onnx = formats.add_parser(
         "onnx", help="ONNX file of the network, checked against PyTorch with onnxruntime",
@@ -207,6 +210,17 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
                       help="batch, height and width free at run time (default: fixed 1 x 3 x H x W)")
     onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
     onnx.set_defaults(run=_cmd_export_onnx)
+    weights = formats.add_parser(
+        "weights", help="the network and its metadata alone: a small checkpoint for eval, predict and annseg.load",
+        description="Writes the network's weights with the class names, palette, normalisation and config of a "
+        "training checkpoint, without the optimiser state, lr schedule and RNG states (about half the size "
+        "for SGD with momentum). eval, predict, annseg.load and train.init_from read it; --resume does not.")
+    weights.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
+                         help=f"training checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
+    weights.add_argument("--out", type=Path, default=None,
+                         help="file to write (default: <run folder>/model.ckpt, the run folder being the one that "
+                              "holds checkpoints/)")
+    weights.set_defaults(run=_cmd_export_weights)
 
     demo = commands.add_parser(
         "demo", help="the main job: train on the built-in dataset, evaluate, write overlays (minutes on a CPU)",
@@ -229,9 +243,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>12,}")
 
 
-def _add_run_options(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--repeats", type=_positive, default=None,
-                        help="timed runs per case (20 on a GPU, the paper's protocol; 5 on the CPU; 3 with --quick)")
+def _add_run_options(parser: argparse.ArgumentParser, out: str, repeats: str) -> None:
+    parser.add_argument("--repeats", type=_positive, default=None, help=f"timed runs per case ({repeats})")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
     parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -313,7 +326,6 @@ def _cmd_bench_readme(args: argparse.Namespace) -> None:
 
 def _quiet_lightning() -> None:
     """Keep Lightning's banner lines and known third-party deprecation noise off the terminal."""
-    import logging
     import warnings
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -326,9 +338,25 @@ def _quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _refresh_rate() -> int:
-    """Progress bar refresh: every iteration on a terminal, every 50 in a log file (batch jobs)."""
-    return 1 if sys.stderr.isatty() else 50
+def _training_progress():
+    """A progress bar on a terminal; plain lines every 30 s in a log file (batch jobs), where a bar's
+    carriage returns and cursor moves would garble it."""
+    if sys.stderr.isatty():
+        return 1
+    from annseg.engine.progress import LineProgressBar
+
+    return LineProgressBar()
+
+
+def _progress(items, desc: str, unit: str):
+    """``items`` with a progress bar on a terminal, or plain progress lines in a log file."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
+    from annseg.engine.progress import progress_lines
+
+    return progress_lines(items, desc, unit)
 
 
 def _run_folder(args: argparse.Namespace, prefix: str = "") -> Path:
@@ -347,7 +375,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _quiet_lightning()
     out = _run_folder(args)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    scores = fit(config, out, resume=args.resume, progress=_refresh_rate(),
+    scores = fit(config, out, resume=args.resume, progress=_training_progress(),
                  hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
     if scores.get("world_size", 1) > 1:
         print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
@@ -379,8 +407,6 @@ def _inference_setup(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from annseg.engine import format_table
     from annseg.engine.train import write_json
     from annseg.engine.builders import build_val_dataset
@@ -391,7 +417,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     dataset = build_val_dataset(config, split)
     scores = evaluate(model, dataset, meta["classes"], config.eval, device=device,
                       num_workers=config.data.num_workers,
-                      progress=lambda items: tqdm(items, desc=f"eval {split}", unit="img", file=sys.stderr))
+                      progress=lambda items: _progress(items, f"eval {split}", "img"))
     folder = args.checkpoint.parent
     run_folder = folder.parent if folder.name == "checkpoints" else folder
     out = args.out or run_folder / f"eval-{split}.json"
@@ -403,8 +429,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from annseg.data import read_image
     from annseg.engine.predict import find_images, overlay
     from annseg.engine.segmenter import Segmenter
@@ -419,7 +443,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             raise ValueError(f"--format cityscapes needs a 19-class Cityscapes model; {args.checkpoint} "
                              f"has {segmenter.num_classes} classes")
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(images, desc="predict", unit="img", file=sys.stderr):
+    for path in _progress(images, "predict", "img"):
         image = read_image(path)
         labels = segmenter.predict(image)
         if args.format == "cityscapes":
@@ -515,6 +539,21 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
           f"(logits up to {check.max_abs_logit:.3g})")
 
 
+def _cmd_export_weights(args: argparse.Namespace) -> None:
+    from annseg.engine.checkpoint import export_weights
+
+    _require_default_checkpoint(args.checkpoint)
+    folder = args.checkpoint.parent
+    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.ckpt"
+    if out.resolve() == args.checkpoint.resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself; name another file")
+    export_weights(args.checkpoint, out)
+    size = lambda path: path.stat().st_size / 2**20  # noqa: E731
+    print(f"wrote {out}: {size(out):,.1f} MiB (the checkpoint: {size(args.checkpoint):,.1f} MiB); "
+          f"use it with: annseg eval --checkpoint {out}, annseg predict IMAGES --checkpoint {out}, "
+          f"annseg.load({str(out)!r})")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     import json
     import time
@@ -531,7 +570,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     out = args.out or Path("runs") / f"demo-{config.model.variant}"
     _quiet_lightning()
     start = time.perf_counter()
-    fit(config, out, progress=_refresh_rate())
+    fit(config, out, progress=_training_progress())
     seconds = time.perf_counter() - start
     model, meta = load_model(out / "checkpoints" / "last.ckpt")
     raw = build_dataset(config.data, config.data.val_split, None, config.data.val_length)
@@ -569,15 +608,26 @@ def main(argv: list[str] | None = None) -> None:
 
 def _report_library_messages() -> None:
     """The library logs (it never prints); the command shows its messages as ``annseg: ...`` lines."""
-    import logging
-
     logger = logging.getLogger("annseg")
     if not any(getattr(h, "annseg_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter("annseg: %(message)s"))
         handler.annseg_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+class _BarSafeHandler(logging.Handler):
+    """Writes each message on its own line through ``tqdm.write``, which clears an active progress bar
+    first and redraws it after: nothing is glued to a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
 
 
 def _one_line(error: BaseException) -> str:

@@ -67,6 +67,20 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None
     AtomicCheckpointIO().save_checkpoint({"state_dict": state, "annseg": meta}, path)
 
 
+def export_weights(checkpoint: str | Path, out: str | Path) -> None:
+    """``out``: the network and metadata of the annseg checkpoint ``checkpoint``, without the
+    optimiser state, schedule, RNG states or iteration (``annseg export weights``).
+
+    The network is rebuilt and loaded strictly first (``load_model``), so a checkpoint that does
+    not fit its own config is refused rather than copied. ``eval``, ``predict``, ``annseg.load``
+    and ``train.init_from`` read the result; ``--resume`` does not (nothing to resume).
+    """
+    load_model(checkpoint)
+    content = read_checkpoint(checkpoint)
+    state = {k: v for k, v in content["state_dict"].items() if k.startswith("model.")}
+    AtomicCheckpointIO().save_checkpoint({"state_dict": state, "annseg": content["annseg"]}, out)
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Raise ValueError naming ``path`` when the file is truncated or corrupt.
 

@@ -43,9 +43,27 @@ def predict_labels(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Label map (H, W) int64 for an RGB ``image`` (3, H, W), uint8 or float in [0, 1], on the CPU."""
-    images = normalization.transform()(tv_tensors.Image(image)).as_subclass(Tensor).unsqueeze(0).to(device)
-    logits = infer_with(model, images, num_classes, settings)
-    return logits.argmax(1)[0].cpu()
+    return view_sum(model, image.unsqueeze(0), num_classes, normalization, settings, device).argmax(1)[0].cpu()
+
+
+def view_sum(
+    model: nn.Module,
+    images: Tensor,
+    num_classes: int,
+    normalization: Normalization,
+    settings: EvalConfig,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Logits (B, K, H, W) float32 on ``device`` for RGB ``images`` (B, 3, H, W), uint8 or float in [0, 1],
+    summed over the test-time views (scales x flips) of ``settings``: their argmax is the label map
+    (the authors' protocol). Divide by ``view_count(settings)`` for their mean."""
+    normalized = normalization.transform()(tv_tensors.Image(images)).as_subclass(Tensor).to(device)
+    return infer_with(model, normalized, num_classes, settings)
+
+
+def view_count(settings: EvalConfig) -> int:
+    """How many views ``infer`` sums: one per scale, twice with flip."""
+    return len(settings.scales) * (2 if settings.flip else 1)
 
 
 def palette_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,11 @@ from annseg.data.base import array_as_rgb, as_rgb
 from annseg.data.transforms import Normalization
 from annseg.engine.checkpoint import load_model
 from annseg.engine.config import EvalConfig
-from annseg.engine.predict import palette_png, predict_labels
+from annseg.engine.predict import palette_png, view_count, view_sum
+
+ImageLike = Union[Image.Image, np.ndarray, Tensor]
+Output = Literal["labels", "probabilities", "logits"]
+OUTPUTS = ("labels", "probabilities", "logits")
 
 
 class Segmenter(nn.Module):
@@ -77,34 +81,83 @@ class Segmenter(nn.Module):
         """Logits (B, K, H, W) for normalised images (B, 3, H, W): RGB in [0, 1], minus mean, over std."""
         return self.network(images)
 
-    def predict(self, image: Image.Image | np.ndarray | Tensor) -> np.ndarray:
-        """Label map (H, W) int64 of class indices (into ``classes``) for one image.
+    def predict(self, image: ImageLike | Sequence[ImageLike], output: Output = "labels",
+                batch_size: int | None = None) -> np.ndarray | list[np.ndarray]:
+        """Label one image, or each image of a list, with the checkpoint's test-time ``settings``.
 
         ``image``: a Pillow image of any mode (gray, palette, RGBA, 16-bit), a numpy array
         (H, W) gray / (H, W, 3) RGB / (H, W, 4) RGBA of uint8, uint16 or float in [0, 1], or a
-        (3, H, W) uint8 tensor as ``annseg.data.read_image`` returns. Raises TypeError for
-        another type or dtype and ValueError for another shape or out-of-range floats.
+        (3, H, W) RGB tensor, uint8 or float in [0, 1] (as ``annseg.data.read_image`` returns
+        the former). A list (or tuple) gives a list, in order; images of one size run through the
+        network together, ``batch_size`` at a time (default: ``settings.batch_size``), with the
+        same result as one by one.
+
+        ``output``: ``"labels"``, an (H, W) int64 map of class indices (into ``classes``);
+        ``"logits"``, (K, H, W) float32, the mean over the test-time views (scales x flips);
+        ``"probabilities"``, their softmax over the K classes. The labels are the argmax of the
+        logits. Raises TypeError for another type or dtype and ValueError for another shape,
+        out-of-range floats or an unknown ``output``.
         """
-        if isinstance(image, Image.Image):
-            rgb = as_rgb(image)
-        elif isinstance(image, np.ndarray):
-            rgb = array_as_rgb(image)
-        elif isinstance(image, Tensor):
-            if image.dtype != torch.uint8:
-                raise TypeError(f"image tensor has dtype {image.dtype}; expected a (3, H, W) uint8 RGB tensor "
-                                "(or pass a numpy array: floats in [0, 1] are accepted there)")
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"image tensor has shape {tuple(image.shape)}; expected (3, H, W) RGB")
-            rgb = image
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}; choose one of {list(OUTPUTS)}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
+        if not isinstance(image, (list, tuple)):
+            return self._predict_batch([_as_rgb(image)], output)[0]
+        rgbs = [_as_rgb(item, f"image {index}: ") for index, item in enumerate(image)]
+        groups: dict[tuple, list[int]] = {}
+        for index, rgb in enumerate(rgbs):  # one batch per size and dtype (uint8 / float)
+            groups.setdefault((tuple(rgb.shape), rgb.dtype), []).append(index)
+        results: list[np.ndarray | None] = [None] * len(rgbs)
+        step = batch_size or self.settings.batch_size
+        for indices in groups.values():
+            for start in range(0, len(indices), step):
+                chunk = indices[start: start + step]
+                for index, result in zip(chunk, self._predict_batch([rgbs[i] for i in chunk], output)):
+                    results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _predict_batch(self, rgbs: list[Tensor], output: Output) -> list[np.ndarray]:
+        """``output`` for equal-sized (3, H, W) RGB tensors, run through the network as one batch."""
+        logits = view_sum(self.network, torch.stack(rgbs), self.num_classes, self.normalization, self.settings,
+                          self.device)
+        if output == "labels":
+            result = logits.argmax(1)
         else:
-            raise TypeError(f"cannot predict on a {type(image).__name__}; expected a Pillow image, a numpy array "
-                            "or a (3, H, W) uint8 tensor")
-        labels = predict_labels(self.network, rgb, self.num_classes, self.normalization, self.settings, self.device)
-        return labels.numpy()
+            logits = logits / view_count(self.settings)
+            result = logits.softmax(1) if output == "probabilities" else logits
+        return list(result.cpu().numpy())
 
     def colorize(self, labels: np.ndarray) -> Image.Image:
         """A paletted image of a label map: pixel values are class ids, shown in the class colours."""
         return palette_png(labels, self.palette)
+
+
+def _as_rgb(image: ImageLike, where: str = "") -> Tensor:
+    """(3, H, W) RGB, uint8 or float32 in [0, 1], from any image type ``predict`` takes."""
+    if isinstance(image, Image.Image):
+        return as_rgb(image)
+    if isinstance(image, np.ndarray):
+        try:
+            return array_as_rgb(image)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}{error}") from None
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or 0 in image.shape:
+            raise ValueError(f"{where}image tensor has shape {tuple(image.shape)}; expected (3, H, W) RGB")
+        if image.dtype == torch.uint8:
+            return image.cpu()
+        if not image.is_floating_point():
+            raise TypeError(f"{where}image tensor has dtype {image.dtype}; expected uint8 (0-255) or float in [0, 1]")
+        rgb = image.detach().cpu().float()
+        low, high = float(rgb.min()), float(rgb.max())
+        if not (0.0 <= low and high <= 1.0):  # also false for NaN
+            raise ValueError(f"{where}float image tensor has values in [{low}, {high}]; expected values in [0, 1] "
+                             "(divide 8-bit data by 255)")
+        return rgb
+    raise TypeError(f"{where}cannot predict on a {type(image).__name__}; expected a Pillow image, a numpy array "
+                    "or a (3, H, W) tensor")
 
 
 def load(path: str | Path) -> Segmenter:

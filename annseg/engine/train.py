@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -151,14 +151,14 @@ def fit(
     *,
     resume: str | None = None,
     hardware: Hardware = Hardware(),
-    progress: int = 1,
+    progress: int | ProgressBar = 1,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; returns the final validation scores (every rank).
 
     ``out_dir`` receives ``config.yaml``, ``checkpoints/`` (``iter_NNNNNN.ckpt`` every
     ``train.checkpoint_every`` iterations and ``last.ckpt``), ``logs/`` (CSV and TensorBoard)
     and ``metrics.json``. ``progress``: refresh the progress bar every this many iterations
-    (0 = no bar; a large value keeps batch-job logs short).
+    (0 = no bar), or a Lightning progress bar to use (``engine.progress.LineProgressBar`` for logs).
     """
     out_dir = Path(out_dir)
     for stray in remove_partial_writes(out_dir / "checkpoints"):
@@ -184,10 +184,10 @@ def fit(
         accumulate_grad_batches=train.accumulate, val_check_interval=train.val_every * train.accumulate,
         check_val_every_n_epoch=None, log_every_n_steps=train.log_every, num_sanity_val_steps=0,
         deterministic="warn" if train.deterministic else False, use_distributed_sampler=False,
-        callbacks=[checkpoints, *([TQDMProgressBar(refresh_rate=progress)] if progress else [])],
+        callbacks=[checkpoints, *_progress_bar(progress)],
         logger=[csv_logger(out_dir, resume_step), TensorBoardLogger(out_dir, name="logs", version="")],
         plugins=[AtomicCheckpointIO()], default_root_dir=out_dir, enable_model_summary=False,
-        enable_progress_bar=progress > 0,
+        enable_progress_bar=bool(progress),
     )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +208,12 @@ def fit(
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", scores)
     return scores
+
+
+def _progress_bar(progress: int | ProgressBar) -> list[ProgressBar]:
+    if isinstance(progress, ProgressBar):
+        return [progress]
+    return [TQDMProgressBar(refresh_rate=progress)] if progress else []
 
 
 def write_text(path: Path, text: str) -> None:

@@ -41,3 +41,12 @@ def test_targets_scale_cpu_time_by_matmul_speed():
     assert memory.met and "missed" not in memory.line()
     slow = dict(result, cases=[dict(case, block="apnb", time_ms=1800.0, peak_mib=300.0)])
     assert "missed** by 20%" in check_targets([(Path("x"), slow)])[0].line()
+
+
+def test_commands_name_the_folder_their_results_are_committed_in() -> None:
+    from annseg.bench.report import committed_command
+
+    ran = "annseg bench model --tf32 --out /scratch/out/model-h100 --repeats 20"
+    assert committed_command(ran, "benchmarks", "model-h100") == \
+        "annseg bench model --tf32 --out benchmarks/model-h100 --repeats 20"
+    assert committed_command("annseg bench model", "benchmarks", "x") == "annseg bench model"

@@ -30,6 +30,36 @@ def test_train_writes_run_folder(trained: Path) -> None:
     assert scores["iterations"] == 4 and set(scores["IoU"]) == {"background", "beacon", "object_red", "object_blue"}
 
 
+def test_export_weights_drops_the_training_state_and_still_evaluates(trained: Path, tmp_path: Path) -> None:
+    """`annseg export weights`: no optimiser, schedule or RNG state; eval, predict and annseg.load agree with
+    the training checkpoint it came from; --resume refuses it (nothing to resume)."""
+    import torch
+
+    import annseg
+    from annseg.engine.checkpoint import read_checkpoint
+
+    last = trained / "checkpoints" / "last.ckpt"
+    out = tmp_path / "model.ckpt"
+    proc = run("export", "weights", "--checkpoint", str(last), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout
+    content = read_checkpoint(out)
+    assert set(content) == {"state_dict", "annseg"} and out.stat().st_size < 0.55 * last.stat().st_size  # SGD momentum: one buffer per weight
+    assert content["annseg"] == read_checkpoint(last)["annseg"]
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(annseg.load(out).predict(image), annseg.load(last).predict(image))
+    scores = []
+    for checkpoint in (last, out):
+        proc = run("eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / f"{checkpoint.stem}.json"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scores.append(json.loads((tmp_path / f"{checkpoint.stem}.json").read_text())["mIoU"])
+    assert scores[0] == scores[1]
+    proc = run("export", "weights", "--checkpoint", str(out), "--out", str(out))
+    assert proc.returncode != 0 and "is the checkpoint itself" in proc.stderr and out.is_file()
+    with torch.no_grad():
+        assert torch.equal(annseg.load(out).network.classifier.weight, annseg.load(last).network.classifier.weight)
+
+
 def test_eval_slide_flip_writes_json(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "scores.json"
     proc = run("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "--mode", "slide", "--flip",

@@ -10,7 +10,7 @@ from PIL import Image
 import annseg
 from annseg.data.transforms import Normalization
 from annseg.engine.config import EvalConfig
-from annseg.engine.predict import predict_labels
+from annseg.engine.predict import predict_labels, view_sum
 from annseg.engine.segmenter import Segmenter
 from tests.conftest import CUDA
 from tests.engine.tiny import tiny_checkpoint
@@ -63,8 +63,9 @@ def test_load_gives_a_ready_model_with_its_metadata(checkpoint: Path, model: Seg
     (lambda: RGB.astype(np.float32) / 255, RGB),
     (lambda: RGB.astype(np.float64) / 255, RGB),
     (lambda: torch.from_numpy(RGB).permute(2, 0, 1), RGB),
+    (lambda: torch.from_numpy(RGB).permute(2, 0, 1).float() / 255, RGB),
 ], ids=["pil-rgb", "pil-l", "pil-rgba", "pil-i16", "np-rgb", "np-gray", "np-gray1", "np-rgba", "np-uint16",
-        "np-float32", "np-float64", "tensor"])
+        "np-float32", "np-float64", "tensor", "tensor-float"])
 def test_predict_equals_predict_labels_on_the_rgb_version(model: Segmenter, make, rgb: np.ndarray) -> None:
     image = make()
     assert not isinstance(image, Image.Image) or image.mode in ("RGB", "L", "RGBA", "I;16")
@@ -82,7 +83,7 @@ def test_settings_are_used_and_replaceable(model: Segmenter, monkeypatch: pytest
     from annseg.engine import segmenter as module
 
     seen = []
-    monkeypatch.setattr(module, "predict_labels", lambda *args: seen.append(args[4]) or predict_labels(*args))
+    monkeypatch.setattr(module, "view_sum", lambda *args: seen.append(args[4]) or view_sum(*args))
     settings = dataclasses.replace(model.settings, flip=False, mode="slide")
     plain = Segmenter(model.network, model.classes, model.palette, model.normalization, settings)
     image = torch.from_numpy(RGB).permute(2, 0, 1)
@@ -100,13 +101,62 @@ def test_settings_are_used_and_replaceable(model: Segmenter, monkeypatch: pytest
     (np.zeros((20, 30), bool), TypeError, "dtype bool"),
     (np.full((20, 30, 3), 2.0), ValueError, r"values in \[2.0, 2.0\]; expected values in \[0, 1\]"),
     (np.full((20, 30, 3), np.nan, np.float32), ValueError, "expected values in"),
-    (torch.zeros(3, 20, 30), TypeError, "dtype torch.float32; expected a \\(3, H, W\\) uint8"),
+    (torch.zeros(3, 20, 30, dtype=torch.int32), TypeError, "dtype torch.int32; expected uint8"),
+    (torch.full((3, 20, 30), 1.5), ValueError, r"values in \[1.5, 1.5\]; expected values in \[0, 1\]"),
+    (torch.zeros(3, 0, 30), ValueError, r"shape \(3, 0, 30\)"),
+    ([RGB, np.zeros((20, 30, 2), np.uint8)], ValueError, r"image 1: image array has shape \(20, 30, 2\)"),
     (torch.zeros(1, 3, 20, 30, dtype=torch.uint8), ValueError, r"shape \(1, 3, 20, 30\); expected \(3, H, W\)"),
     ([[0, 1], [1, 0]], TypeError, "cannot predict on a list"),
 ])
 def test_wrong_inputs_are_clear_errors(model: Segmenter, image, error, message) -> None:
     with pytest.raises(error, match=message):
         model.predict(image)
+
+
+def test_a_list_is_batched_by_size_and_equals_one_by_one(model: Segmenter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three images of one size and one of another: two forward batches (2 + 1 at batch_size 2, then 1),
+    results in input order and equal to predicting each alone."""
+    from annseg.engine import segmenter as module
+
+    rng = np.random.default_rng(1)
+    images = [RGB, rng.integers(0, 256, (29, 51, 3), dtype=np.uint8), RGB[::-1].copy(), RGB[:, ::-1].copy()]
+    batches = []
+    monkeypatch.setattr(module, "view_sum", lambda *args: batches.append(tuple(args[1].shape)) or view_sum(*args))
+    for output in ("labels", "logits", "probabilities"):
+        batches.clear()
+        together = model.predict(images, output=output, batch_size=2)
+        assert batches == [(2, 3, 37, 45), (1, 3, 37, 45), (1, 3, 29, 51)]
+        alone = [model.predict(image, output=output) for image in images]
+        assert isinstance(together, list) and len(together) == 4
+        for one, other in zip(together, alone):
+            assert one.shape == other.shape and one.dtype == other.dtype
+            if output == "labels":
+                np.testing.assert_array_equal(one, other)
+            else:  # batched convolutions may re-associate sums
+                np.testing.assert_allclose(one, other, rtol=1e-5, atol=1e-5)
+    assert model.predict((RGB,))[0].shape == (37, 45)
+
+
+def test_probabilities_and_logits_agree_with_the_labels(model: Segmenter) -> None:
+    """The checkpoint flips, so two views: logits are their mean, probabilities its softmax."""
+    logits = model.predict(RGB, output="logits")
+    probabilities = model.predict(RGB, output="probabilities")
+    assert logits.shape == probabilities.shape == (3, 37, 45) and logits.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(0), 1, rtol=1e-5)
+    np.testing.assert_array_equal(probabilities.argmax(0), model.predict(RGB))
+    image = torch.from_numpy(RGB).permute(2, 0, 1)
+    total = view_sum(model.network, image[None], 3, model.normalization, model.settings)
+    torch.testing.assert_close(torch.from_numpy(logits), total[0] / 2)
+    with pytest.raises(ValueError, match="output='scores'; choose one of"):
+        model.predict(RGB, output="scores")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        model.predict([RGB], batch_size=0)
+
+
+def test_dir_lists_the_public_api_and_no_helpers() -> None:
+    names = dir(annseg)
+    assert {"create_model", "load", "list_models", "ANN", "APNB", "AFNB", "__version__"} <= set(names)
+    assert not {"Any", "PackageNotFoundError", "version"} & set(names)
 
 
 def test_colorize_gives_a_palette_image(model: Segmenter) -> None:
