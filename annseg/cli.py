@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--num-classes", type=_positive, default=19, help="classes of the classifier (default 19)")
     models.set_defaults(run=_cmd_models)
 
+    configs = commands.add_parser("configs", help="list the packaged run configs (--config NAME)")
+    configs.set_defaults(run=_cmd_configs)
+
     bench = commands.add_parser("bench", help="efficiency benchmarks")
     bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     blocks = bench_commands.add_parser(
@@ -112,8 +115,9 @@ DEFAULT_RUN = Path("runs/default")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
-                        help="run config (default: the built-in dataset and a small ANN; see configs/)")
+    parser.add_argument("--config", type=Path, default=None, metavar="NAME|YAML",
+                        help="a packaged config by name (`annseg configs` lists them, e.g. cityscapes) or a YAML "
+                             "file (default: the built-in dataset and a small ANN)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set train.max_iters=1000 (repeatable)")
 
@@ -140,7 +144,8 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "with torchrun / srun, which Lightning detects.")
     _add_config_arguments(train)
     train.add_argument("--out", type=Path, default=None,
-                       help="run folder (default: runs/<config name>, runs/default without --config)")
+                       help="run folder (default: runs/<config name>, e.g. runs/cityscapes; runs/default without "
+                            "--config)")
     train.add_argument("--resume", default=None, metavar="CKPT|latest",
                        help="continue from a checkpoint; 'latest' = <out>/checkpoints/last.ckpt")
     train.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (Lightning's names)")
@@ -227,6 +232,17 @@ def _cmd_models(args: argparse.Namespace) -> None:
     for name in list_models():
         model = create_model(name, num_classes=args.num_classes)
         print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>12,}")
+
+
+def _cmd_configs(args: argparse.Namespace) -> None:
+    from annseg.configs import describe, packaged_configs
+
+    rows = [describe(path) for path in packaged_configs().values()]
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'config':<{width}}  {'dataset':<14}  description")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {str(row['dataset']):<14}  {row['description']}")
+    print("use with --config NAME, e.g. annseg train --config cityscapes --print-config")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, out: str) -> None:

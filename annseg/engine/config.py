@@ -2,7 +2,7 @@
 
 The dataclass defaults ARE the built-in default: a small ResNet-18 ANN trained from scratch
 on the generated dataset (``annseg.data.synthetic``) in a few minutes on 2 CPU cores. The
-YAML files in ``configs/`` override them with the paper's settings per dataset. Every key
+YAML files in ``annseg/configs/`` override them with the paper's settings per dataset. Every key
 and value is checked against the annotations here: an unknown key or a wrong type is a
 ``ConfigError`` that names the key and says what was expected.
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from annseg.configs import config_file
 
 Dataset = Literal["synthetic", "cityscapes", "ade20k", "pascal_context", "folder"]
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
@@ -227,12 +229,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ..
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The built-in default, updated by the YAML file at ``path`` and then by ``overrides``."""
+    """The built-in default, updated by the YAML file at ``path`` and then by ``overrides``.
+
+    ``path`` is a file or the name of a packaged config (``"cityscapes"``; see ``annseg.configs``).
+    """
     values: dict[str, Any] = Config().to_dict()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        path = config_file(path)  # a file, or a packaged config's name
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
