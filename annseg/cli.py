@@ -486,9 +486,29 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.format} checkpoint {args.checkpoint}: {meta['converted_from']['tensors']} tensors -> "
           f"{name} with options {config['model']['options']}, {len(meta['classes'])} classes "
           f"({dataset}: {', '.join(meta['classes'][:4])}{', ...' if len(meta['classes']) > 4 else ''})")
+    source = meta["converted_from"]
+    if source["format"] == "mmseg":
+        print(f"settings read from its config ({source['config']}): key_pool_scales, dropout_ratio, align_corners, "
+              "checked against the weights" if source["config"] else
+              "its file holds no config: mmseg's ANN defaults assumed (key_pool_scales (1, 3, 6, 8), "
+              "dropout_ratio 0.1, align_corners False)")
+    print(_eval_settings(config["eval"], source["eval_from"]))
     print(f"wrote {args.out}; evaluate with: annseg eval --checkpoint {args.out} --set data.root=/path/to/{dataset}"
           + (" --set data.dataset=folder" if dataset == "folder" else "")
           + f"; predict with: annseg predict IMAGES --checkpoint {args.out}")
+
+
+def _eval_settings(evaluation: dict, origin: str) -> str:
+    """One line: the test protocol a converted checkpoint carries, and where it comes from."""
+    crop, stride = ("x".join(map(str, evaluation[k])) for k in ("crop_size", "stride"))
+    short = f", short side {evaluation['short_side']}" if evaluation["short_side"] else ""
+    line = (f"eval settings ({origin}): mode {evaluation['mode']}, scales {evaluation['scales']}, "
+            f"flip {'on' if evaluation['flip'] else 'off'}{short}; --mode slide uses {crop} windows, stride {stride}")
+    if origin == "built-in defaults":
+        line += (" (sized for the built-in dataset: name the dataset with --dataset, or set eval.crop_size and "
+                 "eval.stride with --set when evaluating)")
+    return line
+
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     import torch
