@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented (PAPER.md: Augmentation)."""
+    """Where images come from and how they are augmented (docs/method.md, "Training")."""
 
     dataset: Dataset = "synthetic"
     root: str | None = None  # dataset folder; not used by the built-in dataset
@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (PAPER.md: Training): SGD, poly lr per iteration, OHEM + 0.4 aux."""
+    """Optimisation (docs/method.md, "Training"): SGD, poly lr per iteration, OHEM + 0.4 aux."""
 
     max_iters: int = 500
     lr: float = 0.02
