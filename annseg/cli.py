@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--num-classes", type=_positive, default=19, help="classes of the classifier (default 19)")
     models.set_defaults(run=_cmd_models)
 
+    configs = commands.add_parser("configs", help="list the packaged run configs (--config NAME)")
+    configs.set_defaults(run=_cmd_configs)
+
     bench = commands.add_parser("bench", help="efficiency benchmarks")
     bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     blocks = bench_commands.add_parser(
@@ -113,8 +116,9 @@ DEFAULT_RUN = Path("runs/default")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, metavar="YAML",
-                        help="run config (default: the built-in dataset and a small ANN; see configs/)")
+    parser.add_argument("--config", type=Path, default=None, metavar="NAME|YAML",
+                        help="a packaged config by name (`annseg configs` lists them, e.g. cityscapes) or a YAML "
+                             "file (default: the built-in dataset and a small ANN)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set train.max_iters=1000 (repeatable)")
 
@@ -141,7 +145,8 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "with torchrun / srun, which Lightning detects.")
     _add_config_arguments(train)
     train.add_argument("--out", type=Path, default=None,
-                       help="run folder (default: runs/<config name>, runs/default without --config)")
+                       help="run folder (default: runs/<config name>, e.g. runs/cityscapes; runs/default without "
+                            "--config)")
     train.add_argument("--resume", default=None, metavar="CKPT|latest",
                        help="continue from a checkpoint; 'latest' = the newest whole checkpoint in "
                             "<out>/checkpoints (last.ckpt or iter_*.ckpt, damaged ones skipped), or iteration 0 "
@@ -241,6 +246,17 @@ def _cmd_models(args: argparse.Namespace) -> None:
     for name in list_models():
         model = create_model(name, num_classes=args.num_classes)
         print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>12,}")
+
+
+def _cmd_configs(args: argparse.Namespace) -> None:
+    from annseg.configs import describe, packaged_configs
+
+    rows = [describe(path) for path in packaged_configs().values()]
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'config':<{width}}  {'dataset':<14}  description")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {str(row['dataset']):<14}  {row['description']}")
+    print("use with --config NAME, e.g. annseg train --config cityscapes --print-config")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, out: str, repeats: str) -> None:
@@ -494,9 +510,29 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.format} checkpoint {args.checkpoint}: {meta['converted_from']['tensors']} tensors -> "
           f"{name} with options {config['model']['options']}, {len(meta['classes'])} classes "
           f"({dataset}: {', '.join(meta['classes'][:4])}{', ...' if len(meta['classes']) > 4 else ''})")
+    source = meta["converted_from"]
+    if source["format"] == "mmseg":
+        print(f"settings read from its config ({source['config']}): key_pool_scales, dropout_ratio, align_corners, "
+              "checked against the weights" if source["config"] else
+              "its file holds no config: mmseg's ANN defaults assumed (key_pool_scales (1, 3, 6, 8), "
+              "dropout_ratio 0.1, align_corners False)")
+    print(_eval_settings(config["eval"], source["eval_from"]))
     print(f"wrote {args.out}; evaluate with: annseg eval --checkpoint {args.out} --set data.root=/path/to/{dataset}"
           + (" --set data.dataset=folder" if dataset == "folder" else "")
           + f"; predict with: annseg predict IMAGES --checkpoint {args.out}")
+
+
+def _eval_settings(evaluation: dict, origin: str) -> str:
+    """One line: the test protocol a converted checkpoint carries, and where it comes from."""
+    crop, stride = ("x".join(map(str, evaluation[k])) for k in ("crop_size", "stride"))
+    short = f", short side {evaluation['short_side']}" if evaluation["short_side"] else ""
+    line = (f"eval settings ({origin}): mode {evaluation['mode']}, scales {evaluation['scales']}, "
+            f"flip {'on' if evaluation['flip'] else 'off'}{short}; --mode slide uses {crop} windows, stride {stride}")
+    if origin == "built-in defaults":
+        line += (" (sized for the built-in dataset: name the dataset with --dataset, or set eval.crop_size and "
+                 "eval.stride with --set when evaluating)")
+    return line
+
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     import torch

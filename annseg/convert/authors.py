@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from annseg.convert.common import build_converted, converted_meta, resolve_classes
+from annseg.convert.common import build_converted, converted_meta, not_this_format, resolve_classes
 from annseg.data.transforms import Normalization
 from annseg.engine.config import ModelConfig
 from annseg.models.ann import ANN
@@ -106,7 +106,12 @@ def load_authors_checkpoint(path: str | Path, dataset: str | None = None) -> tup
     source = f"authors' checkpoint {path}"
     with torch.serialization.safe_globals(_NUMPY_SCALARS):
         content = read_file(path, "authors' checkpoint")
+    if isinstance(content, dict) and "annseg" in content:
+        raise not_this_format(source, "an authors' ANN checkpoint", content)
     state = unwrap_state_dict(content, path, "authors' checkpoint")
+    if not any(k.startswith(("cls.", "dsn.", "context.", "fusion.")) for k in state):
+        raise not_this_format(source, "an authors' ANN checkpoint (no cls / dsn / context / fusion weights)",
+                              content, state)
     config = content.get("config_dict") if isinstance(content, dict) else None
     training: dict[str, Any] = config if isinstance(config, dict) else {}
     _check_network(training, source)

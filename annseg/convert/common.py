@@ -17,7 +17,7 @@ from annseg.data.meta import generated_palette
 from annseg.data.transforms import Normalization
 from annseg.engine.builders import build_model
 from annseg.engine.checkpoint import model_meta
-from annseg.engine.config import Config, DataConfig, EvalConfig, ModelConfig
+from annseg.engine.config import Config, DataConfig, ModelConfig, load_config
 from annseg.models.ann import ANN
 from annseg.models.weights import load_exactly
 
@@ -38,12 +38,14 @@ def resolve_classes(
     classes: Sequence[str] | None,
     palette: Sequence[Sequence[int]] | None,
     source: str,
+    infer: bool = True,
 ) -> tuple[str | None, list[str], list[list[int]]]:
     """(dataset, class names, palette) for a converted model of ``num_classes`` classes.
 
     Names and colours come from the checkpoint (``classes``/``palette``) when it has them,
-    else from ``dataset``, else from the dataset ``num_classes`` suggests (19 Cityscapes,
-    150 ADE20K, 59 PASCAL Context), else they are generic ``class_i`` with generated colours.
+    else from ``dataset``, else (with ``infer``: the file names no other dataset) from the
+    dataset ``num_classes`` suggests (19 Cityscapes, 150 ADE20K, 59 PASCAL Context), else
+    they are generic ``class_i`` with generated colours.
     """
     datasets = known_datasets()
     if dataset is not None:
@@ -52,7 +54,7 @@ def resolve_classes(
         if len(datasets[dataset].classes) != num_classes:
             raise ValueError(f"{source} classifies {num_classes} classes but dataset {dataset!r} has "
                              f"{len(datasets[dataset].classes)}; leave out the dataset or pick the right one")
-    dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    dataset = dataset or (DATASET_BY_CLASSES.get(num_classes) if infer else None)
     if classes is not None and len(classes) != num_classes:
         raise ValueError(f"{source} names {len(classes)} classes in its metadata but its classifier has "
                          f"{num_classes} outputs")
@@ -73,14 +75,38 @@ def converted_meta(
     source: dict[str, Any],
     normalization: Normalization = Normalization(),
 ) -> dict[str, Any]:
-    """``model_meta`` of a converted model, as ``save_model`` writes it: its config (input
-    ``normalization``, ImageNet RGB by default; whole-image evaluation, one image per batch),
-    names, colours, and where it came from (``source``: ``format``, ``path``, ``tensors``)."""
-    data = DataConfig(dataset=dataset or "folder", val_batch_size=1, mean=normalization.mean, std=normalization.std)
-    evaluation = EvalConfig(batch_size=1, short_side=512 if dataset == "ade20k" else None)
-    meta = model_meta(Config(data=data, model=model, eval=evaluation), classes, palette)
-    meta["converted_from"] = source
+    """``model_meta`` of a converted model, as ``save_model`` writes it: its config, names,
+    colours, and where it came from (``source``: ``format``, ``path``, ``tensors``, ...).
+
+    The config is the packaged config of ``dataset`` (its crop, eval protocol and training
+    settings; ``annseg configs`` lists them) with the converted ``model`` and input
+    ``normalization`` (ImageNet RGB by default); for an unknown dataset (``folder``) the
+    built-in defaults, whose eval windows fit only the built-in dataset.
+    """
+    config = load_config(dataset) if dataset is not None else Config(data=DataConfig(dataset="folder"))
+    config.model = model
+    config.data.mean, config.data.std = normalization.mean, normalization.std
+    config.data.val_batch_size = config.eval.batch_size = 1
+    meta = model_meta(config, classes, palette)
+    meta["converted_from"] = {**source, "eval_from": f"packaged config {dataset}" if dataset else "built-in defaults"}
     return meta
+
+
+def not_this_format(source: str, expected: str, content: Any, state: Mapping[str, Tensor] | None = None) -> ValueError:
+    """The one-line error for a file of another kind than a converter reads, saying what it looks like."""
+    keys = list(state or ())
+    if isinstance(content, dict) and "annseg" in content:
+        kind = "an annseg checkpoint, which annseg eval / predict / annseg.load read without conversion"
+    elif (isinstance(content, dict) and "config_dict" in content) or any(
+            k.startswith(("backbone.prefix.", "dsn.", "context.2.stages.")) for k in keys):
+        kind = "the authors' (MendelXu/ANN) checkpoint: convert it with `annseg convert authors`"
+    elif any(k.startswith("decode_head.") for k in keys):
+        kind = "an mmsegmentation checkpoint: convert it with `annseg convert mmseg`"
+    elif any(k.startswith(("conv1.", "stem.", "layer1.")) for k in keys):
+        kind = "ImageNet backbone weights (a ResNet state dict): give them to training as model.backbone_weights"
+    else:
+        kind = f"a state dict of {len(keys)} tensors with keys like {', '.join(keys[:3]) or 'none'}"
+    return ValueError(f"{source} is not {expected}; it looks like {kind}")
 
 
 def build_converted(

@@ -2,7 +2,7 @@
 
 The dataclass defaults ARE the built-in default: a small ResNet-18 ANN trained from scratch
 on the generated dataset (``annseg.data.synthetic``) in a few minutes on 2 CPU cores. The
-YAML files in ``configs/`` override them with the paper's settings per dataset. Every key
+YAML files in ``annseg/configs/`` override them with the paper's settings per dataset. Every key
 and value is checked against the annotations here: an unknown key or a wrong type is a
 ``ConfigError`` that names the key and says what was expected.
 """
@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from annseg.configs import config_file
+
 Dataset = Literal["synthetic", "cityscapes", "ade20k", "pascal_context", "folder"]
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 
@@ -29,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented (PAPER.md: Augmentation)."""
+    """Where images come from and how they are augmented (docs/method.md, "Training")."""
 
     dataset: Dataset = "synthetic"
     root: str | None = None  # dataset folder; not used by the built-in dataset
@@ -68,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (PAPER.md: Training): SGD, poly lr per iteration, OHEM + 0.4 aux."""
+    """Optimisation (docs/method.md, "Training"): SGD, poly lr per iteration, OHEM + 0.4 aux."""
 
     max_iters: int = 500
     lr: float = 0.02
@@ -227,12 +229,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ..
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The built-in default, updated by the YAML file at ``path`` and then by ``overrides``."""
+    """The built-in default, updated by the YAML file at ``path`` and then by ``overrides``.
+
+    ``path`` is a file or the name of a packaged config (``"cityscapes"``; see ``annseg.configs``).
+    """
     values: dict[str, Any] = Config().to_dict()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        path = config_file(path)  # a file, or a packaged config's name
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:

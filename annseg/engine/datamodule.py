@@ -1,6 +1,6 @@
 """The LightningDataModule, with a data order that is a pure function of the iteration.
 
-Training is counted in iterations, not epochs (PAPER.md: 60k iterations on Cityscapes). Sample
+Training is counted in iterations, not epochs (docs/method.md: 60k iterations on Cityscapes). Sample
 ``p`` of the run (p = micro-batch x global batch + rank x batch + j) is item
 ``permutation(seed, epoch)[p mod n]`` of the dataset, augmented under an RNG seeded from
 ``(seed, p)``. So the batches do not depend on worker count, process restarts or how many

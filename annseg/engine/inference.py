@@ -1,4 +1,4 @@
-"""Test-time inference: whole image, sliding windows, multi-scale and flip (PAPER.md: test).
+"""Test-time inference: whole image, sliding windows, multi-scale and flip (docs/method.md, "Test protocols").
 
 Every path returns raw logits (B, K, H, W) at the input's size. Multi-scale and flip sum the
 logits of each view after resizing them back to the original size, as the authors' code does

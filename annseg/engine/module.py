@@ -25,7 +25,7 @@ def poly_factor(step: int, max_iters: int, power: float) -> float:
 
 
 class PolyLR(torch.optim.lr_scheduler.LambdaLR):
-    """Poly learning rate per iteration (PAPER.md: Training); a class so that it pickles."""
+    """Poly learning rate per iteration (docs/method.md, "Training"); a class so that it pickles."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9) -> None:
         self.max_iters, self.power = max_iters, power

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from annseg.models.weights import load_exactly, read_state_dict
 
-# timm's names for the ResNet stems PAPER.md uses: 'c' is mmseg's ResNetV1c deep stem
+# timm's names for the ResNet stems docs/method.md describes: 'c' is mmseg's ResNetV1c deep stem
 # (3->32->32->64), 's' the authors' deep-base stem (3->64->64->128), whose 3x3 max-pool
 # rounds up (ceil mode); no letter is the plain 7x7 stem of torchvision (mmseg's ResNetV1b).
 RESNET_STEMS = ("resnet18", "resnet50", "resnet50c", "resnet50s", "resnet101", "resnet101c", "resnet101s")

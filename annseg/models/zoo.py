@@ -26,10 +26,11 @@ MODELS: dict[str, Callable[..., ANN]] = {
     for variant in VARIANTS
     for name, timm_name in BACKBONES.items()
 }
-# The options under which an ANN computes mmsegmentation's ANNHead + FCNHead (PAPER.md, "Where
-# the sources differ"): no conv bias before BN, dropout 0.1 (our blocks end with it, where
-# mmseg drops after AFNB and before the classifier), a 256-channel auxiliary head,
-# align_corners=False. mmseg's input normalisation (RGB, ImageNet mean/std) is our default.
+# The options under which an ANN computes mmsegmentation's ANNHead + FCNHead (docs/method.md,
+# "Where the authors' code and mmsegmentation differ"): no conv bias before BN, dropout 0.1
+# (our blocks end with it, where mmseg drops after AFNB and before the classifier), a
+# 256-channel auxiliary head, align_corners=False. mmseg's input normalisation (RGB, ImageNet
+# mean/std) is our default.
 MMSEG_OPTIONS: dict[str, Any] = {"conv_bias": False, "dropout": 0.1, "aux_channels": 256, "align_corners": False}
 _OPTIONS = set(inspect.signature(ANN).parameters) - {"num_classes", "backbone_weights", "backbone", "variant"}
 

@@ -30,7 +30,7 @@ def test_analytic_macs_match_flop_counter(case):
 
 
 def test_paper_scale_macs():
-    """PAPER.md: at [1,2048,128,256] NB ~ 618 G (attention ~ 550 G), APNB ~ 71 G."""
+    """docs/method.md / the paper: at [1,2048,128,256] NB ~ 618 G (attention ~ 550 G), APNB ~ 71 G."""
     paper_nb = count_macs(BlockCase("nb-plain", 128, 256))  # separate query, as counted there
     assert paper_nb["attention"] / 1e9 == pytest.approx(550, rel=0.01)
     assert paper_nb["total"] / 1e9 == pytest.approx(618, rel=0.01)

@@ -153,10 +153,11 @@ class ResNetV1c(nn.Module):
 class MmsegANN(nn.Module):
     """EncoderDecoder(ResNetV1c, ANNHead, FCNHead auxiliary): logits at the input's size."""
 
-    def __init__(self, num_classes: int, channels: int = 512, project: int = 256, aux: int = 256, depth: int = 50) -> None:
+    def __init__(self, num_classes: int, channels: int = 512, project: int = 256, aux: int = 256, depth: int = 50,
+                 scales: tuple[int, ...] = (1, 3, 6, 8)) -> None:
         super().__init__()
         self.backbone = ResNetV1c(depth)
-        self.decode_head = ANNHead(num_classes, channels, project)
+        self.decode_head = ANNHead(num_classes, channels, project, scales)
         self.auxiliary_head = FCNHead(num_classes, aux)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,3 +185,82 @@ def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
                 m.num_batches_tracked.fill_(1000)
     return module
+
+
+def config_text(num_classes: int, channels: int = 512, project: int = 256, aux: int = 256, depth: int = 50,
+                key_pool_scales: str = "(1, 3, 6, 8)", query_scales: str = "(1, )",
+                dataset: str = "CityscapesDataset", **decode_head: str) -> str:
+    """An mmseg 1.x config's ``pretty_text`` (what mmengine saves as ``meta["cfg"]``) for this network,
+    laid out as mmengine formats ``configs/ann/ann_r50-d8_4xb2-40k_cityscapes-512x1024.py``.
+    ``decode_head`` adds or replaces ANNHead settings, written as Python source."""
+    head = {"type": "'ANNHead'", "in_channels": "[1024, 2048]", "in_index": "[2, 3]", "channels": str(channels),
+            "project_channels": str(project), "query_scales": query_scales, "key_pool_scales": key_pool_scales,
+            "dropout_ratio": "0.1", "num_classes": str(num_classes),
+            "norm_cfg": "dict(type='SyncBN', requires_grad=True)", "align_corners": "False",
+            "loss_decode": "dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)", **decode_head}
+    fields = ",\n        ".join(f"{k}={v}" for k, v in head.items())
+    preprocessor = ("type='SegDataPreProcessor'", "mean=[123.675, 116.28, 103.53]", "std=[58.395, 57.12, 57.375]",
+                    "bgr_to_rgb=True", "pad_val=0", "seg_pad_val=255", "size=(512, 1024)")  # inlined in model too
+    outer, inner = ",\n    ".join(preprocessor), ",\n        ".join(preprocessor)
+    return f"""norm_cfg = dict(type='SyncBN', requires_grad=True)
+data_preprocessor = dict(
+    {outer})
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=dict(
+        {inner}),
+    pretrained='open-mmlab://resnet{depth}_v1c',
+    backbone=dict(
+        type='ResNetV1c',
+        depth={depth},
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        dilations=(1, 1, 2, 4),
+        strides=(1, 2, 1, 1),
+        norm_cfg=dict(type='SyncBN', requires_grad=True),
+        norm_eval=False,
+        style='pytorch',
+        contract_dilation=True),
+    decode_head=dict(
+        {fields}),
+    auxiliary_head=dict(
+        type='FCNHead',
+        in_channels=1024,
+        in_index=2,
+        channels={aux},
+        num_convs=1,
+        concat_input=False,
+        dropout_ratio=0.1,
+        num_classes={num_classes},
+        norm_cfg=dict(type='SyncBN', requires_grad=True),
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+dataset_type = '{dataset}'
+data_root = 'data/cityscapes/'
+crop_size = (512, 1024)
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2048, 1024), keep_ratio=True),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs')
+]
+test_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    dataset=dict(
+        type='{dataset}',
+        data_root='data/cityscapes/',
+        data_prefix=dict(img_path='leftImg8bit/val', seg_map_path='gtFine/val'),
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=(2048, 1024), keep_ratio=True),
+            dict(type='LoadAnnotations'),
+            dict(type='PackSegInputs')
+        ]))
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005))
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=4000))
+launcher = 'pytorch'
+work_dir = './work_dirs/ann_r{depth}-d8_4xb2-40k_cityscapes-512x1024'
+"""

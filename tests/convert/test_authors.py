@@ -25,7 +25,7 @@ from annseg.convert import CONVERTERS, load_authors_checkpoint
 from annseg.data.meta import CITYSCAPES_CLASSES
 from annseg.data.transforms import Normalization
 from annseg.engine.checkpoint import load_model, save_model
-from annseg.engine.config import config_from_dict
+from annseg.engine.config import config_from_dict, load_config
 
 BGR_MEAN = (102.9801, 115.9465, 122.7717)  # their hypes/seg/*/fs_annn_*_seg.json
 HEAD, KEY, VALUE, AUX = 48, 16, 24, 32  # small head widths: read back from the shapes
@@ -265,7 +265,9 @@ def test_meta_describes_their_network(converted: tuple) -> None:
     assert meta["normalization"]["std"] == pytest.approx([1 / 255] * 3)
     assert (config.data.mean, config.data.std) == (tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
     # Every tensor of the file has a place: the model's plus APNB's f_query copy of f_key (conv + BN: 7).
-    assert meta["converted_from"] == {"format": "authors", "path": str(path), "tensors": len(model.state_dict()) + 7}
+    assert meta["converted_from"] == {"format": "authors", "path": str(path), "tensors": len(model.state_dict()) + 7,
+                                      "eval_from": "packaged config cityscapes"}
+    assert config.eval == load_config("cityscapes").eval  # Cityscapes' test protocol, not the built-in 64x96 windows
     assert CONVERTERS["authors"] is load_authors_checkpoint
 
 
@@ -349,7 +351,9 @@ def test_cli_converts_and_load_model_computes_their_function(theirs: TheirANN, c
     _, meta, path = converted
     out = tmp_path / "ann.ckpt"
     main(["convert", "authors", str(path), str(out)])
-    summary, wrote = capsys.readouterr().out.splitlines()
+    summary, settings, wrote = capsys.readouterr().out.splitlines()
+    assert settings.startswith("eval settings (packaged config cityscapes): mode whole, scales [1.0], flip off; "
+                               "--mode slide uses 864x864 windows, stride 576x576")
     assert summary == (f"converted authors checkpoint {path}: {meta['converted_from']['tensors']} tensors -> "
                        f"ann_resnet50s with options {{'head_channels': {HEAD}, 'key_channels': {KEY}, "
                        f"'value_channels': {VALUE}, 'aux_channels': {AUX}}}, 19 classes "
@@ -362,3 +366,14 @@ def test_cli_converts_and_load_model_computes_their_function(theirs: TheirANN, c
     with torch.no_grad():
         main_out, their_main = model(ours_input), theirs(their_input)[1]
     torch.testing.assert_close(main_out, their_main, rtol=3e-4, atol=3e-4 * their_main.abs().max().item())
+
+
+def test_an_mmseg_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "ann_r50-d8.pth"
+    torch.save({"meta": {}, "state_dict": {"backbone.stem.0.weight": torch.zeros(32, 3, 3, 3),
+                                           "decode_head.conv_seg.weight": torch.zeros(19, 512, 1, 1)}}, path)
+    with pytest.raises(SystemExit) as error:
+        main(["convert", "authors", str(path), str(tmp_path / "out.ckpt")])
+    assert str(error.value) == (f"annseg: error: authors' checkpoint {path} is not an authors' ANN checkpoint (no cls / "
+                                "dsn / context / fusion weights); it looks like an mmsegmentation checkpoint: convert "
+                                "it with `annseg convert mmseg`")

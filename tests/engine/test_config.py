@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
+from annseg.configs import CONFIG_DIR
 from annseg.engine.builders import build_model
 from annseg.engine.config import Config, ConfigError, config_from_dict, dump_config, load_config
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_defaults_are_the_builtin_dataset() -> None:
@@ -70,7 +71,7 @@ def test_shipped_configs_load(path: Path) -> None:
 
 
 def test_default_yaml_is_the_builtin_default() -> None:
-    """configs/default.yaml documents the built-in default; it must not drift from the code."""
-    text = (Path(__file__).parents[2] / "configs" / "default.yaml").read_text()
+    """annseg/configs/default.yaml documents the built-in default; it must not drift from the code."""
+    text = (CONFIG_DIR / "default.yaml").read_text()
     shipped = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
-    assert shipped == dump_config(Config()), "regenerate: annseg train --print-config (see configs/default.yaml)"
+    assert shipped == dump_config(Config()), "regenerate: annseg train --print-config (see annseg/configs/default.yaml)"

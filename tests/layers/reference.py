@@ -1,4 +1,4 @@
-"""Plain re-statements of PAPER.md's blocks, written with conv2d and adaptive pooling.
+"""Plain re-statements of the paper's blocks (docs/method.md), written with conv2d and adaptive pooling.
 
 They compute everything the obvious way (values projected at all N positions, then pooled;
 bmm + softmax attention) so that the optimised blocks can be checked against them.
