@@ -27,6 +27,8 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     It is written to a temporary file in the same folder, synced and renamed: a rename is
     atomic on POSIX file systems, so a job killed meanwhile leaves the previous file intact and
     at worst a stray ``.<name>.tmp-<pid>`` (``remove_partial_writes`` deletes those).
+    A failed write (a full disk: ``torch.save`` reports it as a RuntimeError whose context is
+    the OSError) raises an OSError naming ``path``, with the errno of the cause.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +39,24 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError with an errno behind ``error`` (itself, or along its cause/context chain)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
