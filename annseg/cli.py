@@ -643,8 +643,8 @@ def _worker_killed_line(error: RuntimeError, then: str) -> str | None:
     match = _WORKER_KILLED.search(str(error))
     if match is None:
         return None
-    how = f"by signal {match.group(2).strip()}" if match.group(2) else "unexpectedly"
-    return (f"a data-loading worker (pid {match.group(1).strip()}) was killed {how}, likely out of memory; "
+    how = f"signal: {match.group(2).strip()}" if match.group(2) else "it exited unexpectedly"
+    return (f"a data-loading worker (pid {match.group(1).strip()}) was killed ({how}), likely out of memory; "
             f"use fewer workers (--set data.num_workers=N) or a smaller batch (data.batch_size), then {then}")
 
 
