@@ -72,19 +72,27 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+_WARNED: set[tuple[int, int, int, str]] = set()  # the (batch, height, width, device) warned about
+
+
 def warn_if_too_large(model: nn.Module, images: Tensor, num_classes: int, size: tuple[int, int] | None = None) -> bool:
     """Log a WARNING when a whole-image forward of ``images`` likely needs more memory than is free.
 
     ``size``: the (H, W) the network sees when it is not the images' own (a test scale). The
     estimate is ``whole_image_bytes`` per image of the batch against ``available_memory``, so a
     run that would be killed for memory (or fail with CUDA out of memory) is told to use sliding
-    windows before it starts. Returns whether it warned.
+    windows before it starts. Each size warns once per process (a dataset of large images would
+    repeat it for every image). Returns whether it warned.
     """
     height, width = size or tuple(images.shape[-2:])
+    key = (images.shape[0], height, width, str(images.device))
+    if key in _WARNED:
+        return False
     needed = whole_image_bytes(model, height, width, num_classes, images.element_size())
     free = available_memory(images.device)
     if needed is None or free is None or needed * images.shape[0] <= free:
         return False
+    _WARNED.add(key)
     log.warning("whole-image inference on a %dx%d image needs about %.1f GB of activation memory but %.1f GB is "
                 "free on %s; use --mode slide (eval.mode=slide: windows of eval.crop_size) or a smaller image",
                 height, width, needed * images.shape[0] / 1e9, free / 1e9, images.device)

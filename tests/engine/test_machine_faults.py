@@ -232,9 +232,11 @@ def test_an_image_too_large_for_whole_inference_warns(caplog: pytest.LogCaptureF
     network = _resnet101_ann()
     images = torch.empty(1, 3, 8, 8)
     monkeypatch.setattr("annseg.engine.inference.available_memory", lambda device: 16 * 2**30)
+    monkeypatch.setattr("annseg.engine.inference._WARNED", set())
     with caplog.at_level(logging.WARNING, logger="annseg"):
         assert not warn_if_too_large(network, images, 19, (1024, 2048))
         assert warn_if_too_large(network, images, 19, (8000, 8000))  # no forward: the size alone
+        assert not warn_if_too_large(network, images, 19, (8000, 8000))  # once per size
     assert caplog.text.count("WARNING") == 1
     assert "8000x8000 image needs about 58.4 GB" in caplog.text and "use --mode slide" in caplog.text
 
@@ -242,6 +244,7 @@ def test_an_image_too_large_for_whole_inference_warns(caplog: pytest.LogCaptureF
 def test_predict_warns_before_a_whole_image_forward(checkpoint: Path, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
     monkeypatch.setattr("annseg.engine.inference.available_memory", lambda device: 1000)
+    monkeypatch.setattr("annseg.engine.inference._WARNED", set())
     with caplog.at_level(logging.WARNING, logger="annseg"):
         main(["predict", str(_image(tmp_path, (30, 40))), "--checkpoint", str(checkpoint),
               "--out", str(tmp_path / "p"), "--mode", "whole"])
