@@ -23,15 +23,8 @@ from annseg.engine.checkpoint import read_checkpoint
 from annseg.engine.inference import available_memory, warn_if_too_large, whole_image_bytes
 from annseg.engine.train import write_text
 from annseg.models import create_model
+from tests.test_bad_input import one_line_error
 from tests.engine.tiny import tiny_checkpoint, tiny_cli_args
-
-
-def _cli(args: list[str]) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    message = str(stop.value)
-    assert message.startswith("annseg: error: ") and "\n" not in message, message
-    return message
 
 
 class _DiskFullAfter:
@@ -73,8 +66,8 @@ def fill_the_disk_when_writing(monkeypatch: pytest.MonkeyPatch, name: str) -> No
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fill_the_disk_when_writing(monkeypatch, "iter_000002.ckpt")
-    message = _cli(["train", *tiny_cli_args("train.max_iters=2", "train.checkpoint_every=1", "train.val_every=2"),
-                    "--out", str(tmp_path)])
+    short = tiny_cli_args("train.max_iters=2", "train.checkpoint_every=1", "train.val_every=2")
+    message = one_line_error(["train", *short, "--out", str(tmp_path)])
     folder = tmp_path / "checkpoints"
     assert message == (f"annseg: error: no space left on device writing {folder / 'iter_000002.ckpt'}; "
                        "free space and --resume latest")
@@ -119,8 +112,9 @@ class _KilledOnce(Dataset):
 
 def test_a_killed_data_worker_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     build = datamodule.build_train_dataset
-    monkeypatch.setattr(datamodule, "build_train_dataset", lambda config: _KilledOnce(build(config), tmp_path / "killed"))
-    message = _cli(["train", *tiny_cli_args("data.num_workers=1"), "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(datamodule, "build_train_dataset",
+                        lambda config: _KilledOnce(build(config), tmp_path / "killed"))
+    message = one_line_error(["train", *tiny_cli_args("data.num_workers=1"), "--out", str(tmp_path / "run")])
     assert (tmp_path / "killed").exists()
     assert "a data-loading worker (pid " in message and ") was killed (" in message, message
     assert "likely out of memory" in message and "data.num_workers" in message and message.endswith("--resume latest")
@@ -159,7 +153,7 @@ def test_out_that_is_a_file_stops_before_any_work(command: str, checkpoint: Path
         pytest.importorskip("onnxruntime")
     out = tmp_path / "taken"
     out.write_text("a file the user keeps\n")
-    message = _cli(_fill(OUT_COMMANDS[command], out, checkpoint, _image(tmp_path)))
+    message = one_line_error(_fill(OUT_COMMANDS[command], out, checkpoint, _image(tmp_path)))
     assert f"{out} is a file" in message or f"is inside {out}, which is a file" in message, message
     assert out.read_text() == "a file the user keeps\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "taken"]
@@ -186,7 +180,7 @@ def test_read_only_out_stops_before_any_work(command: str, checkpoint: Path, tmp
 
     monkeypatch.setattr(os, "open", refuse_in_locked)
     try:
-        message = _cli(_fill(OUT_COMMANDS[command], locked / "run", checkpoint, image))
+        message = one_line_error(_fill(OUT_COMMANDS[command], locked / "run", checkpoint, image))
     finally:
         locked.chmod(0o755)
     assert f"--out {locked / 'run'}" in message and f"cannot write in {locked}" in message, message
@@ -198,18 +192,19 @@ def test_a_folder_where_a_file_is_expected(checkpoint: Path, tmp_path: Path) -> 
     (run / "checkpoints").mkdir(parents=True)
     folder = tmp_path / "empty"
     folder.mkdir()
-    message = _cli(["eval", "--checkpoint", str(folder)])
+    message = one_line_error(["eval", "--checkpoint", str(folder)])
     assert message == f"annseg: error: checkpoint {folder} is a directory; expected a checkpoint file"
     (run / "checkpoints" / "last.ckpt").write_bytes(checkpoint.read_bytes())
-    message = _cli(["predict", str(_image(tmp_path)), "--checkpoint", str(run), "--out", str(tmp_path / "p")])
+    message = one_line_error(["predict", str(_image(tmp_path)), "--checkpoint", str(run), "--out", str(tmp_path / "p")])
     assert message.endswith(f"checkpoint {run} is a directory; expected a checkpoint file such as "
                             f"{run / 'checkpoints' / 'last.ckpt'}")
     for args, what in ((["train", "--config", str(folder)], "config file"),
-                       (["train", *tiny_cli_args(), "--out", str(tmp_path / "r"), "--resume", str(folder)], "checkpoint"),
+                       (["train", *tiny_cli_args(), "--out", str(tmp_path / "r"), "--resume", str(folder)],
+                        "checkpoint"),
                        (["train", *tiny_cli_args(f"model.backbone_weights={folder}"), "--out", str(tmp_path / "r")],
                         "backbone weights"),
                        (["convert", "mmseg", str(folder), str(tmp_path / "x.ckpt")], "mmseg checkpoint")):
-        message = _cli(args)
+        message = one_line_error(args)
         assert f"{what} {folder} is a directory; expected a" in message, (args, message)
     assert not (tmp_path / "r" / "config.yaml").exists()
 

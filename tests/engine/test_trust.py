@@ -19,6 +19,7 @@ from PIL import Image
 import annseg
 from annseg.cli import main
 from annseg.engine.checkpoint import read_checkpoint
+from tests.test_bad_input import one_line_error
 from tests.engine.tiny import tiny_checkpoint, tiny_cli_args
 
 
@@ -69,12 +70,6 @@ def _image(folder: Path) -> Path:
     return path
 
 
-def _cli(args: list[str]) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    return str(stop.value)
-
-
 def _load(good: Path, evil: Path, tmp: Path) -> tuple[str, Path]:
     with pytest.raises(ValueError) as error:
         annseg.load(evil)
@@ -87,7 +82,7 @@ def _command(*args: str) -> Callable[[Path, Path, Path], tuple[str, Path]]:
     def run(good: Path, evil: Path, tmp: Path) -> tuple[str, Path]:
         image = _image(tmp)
         filled = [a.replace("EVIL", str(evil)).replace("TMP", str(tmp)).replace("IMAGE", str(image)) for a in args]
-        return _cli(filled), evil
+        return one_line_error(filled), evil
 
     return run
 
@@ -101,7 +96,7 @@ def _resume_latest(name: str) -> Callable[[Path, Path, Path], tuple[str, Path]]:
         folder.mkdir(parents=True)
         (folder / "iter_000002.ckpt").write_bytes(good.read_bytes())
         dropped = evil.rename(folder / name)
-        return _cli(["train", *tiny_cli_args(), "--out", str(tmp / "run"), "--resume", "latest"]), dropped
+        return one_line_error(["train", *tiny_cli_args(), "--out", str(tmp / "run"), "--resume", "latest"]), dropped
 
     return run
 
