@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import re
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -347,7 +350,7 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     for pattern in (".*LeafSpec.*", ".*litlogger.*", ".*smaller than the logging interval.*",
-                    ".*does not have many workers.*", ".*weights_only.*", ".*sync_dist=True.*",
+                    ".*does not have many workers.*", ".*sync_dist=True.*",
                     # resuming: the checkpoint folder is meant to be there, and the train sampler
                     # continues at the checkpoint's iteration (IterationSampler), so it is resumable
                     ".*Checkpoint directory .* exists and is not empty.*", ".*dataloader is not resumable.*"):
@@ -375,6 +378,34 @@ def _progress(items, desc: str, unit: str):
     return progress_lines(items, desc, unit)
 
 
+def check_out_folder(folder: Path, flag: str = "--out") -> None:
+    """Stop before any work when ``folder`` cannot receive the run's files.
+
+    It must be a folder or not exist yet, and its nearest existing folder must take a new
+    file. That is a write probe (an unnamed temporary file), not the permission bits: root
+    writes into a ``chmod a-w`` folder and nobody writes to a read-only mount.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is inside {existing}, which is a file"
+        raise NotADirectoryError(f"{flag} {folder} {where}; expected a folder: choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{flag} {folder}: cannot write in {existing} ({error.strerror or error}); "
+                              f"choose a writable {flag}") from None
+
+
+def check_out_file(path: Path, flag: str = "--out") -> None:
+    """``check_out_folder`` for a single output file: ``path`` must not be a folder."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory; expected the path of the file to write")
+    check_out_folder(path.parent, flag)
+
+
 def _run_folder(args: argparse.Namespace, prefix: str = "") -> Path:
     if args.out is not None:
         return args.out
@@ -388,8 +419,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(config), end="")
         return
-    _quiet_lightning()
     out = _run_folder(args)
+    check_out_folder(out)
+    _quiet_lightning()
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     scores = fit(config, out, resume=args.resume, progress=_training_progress(),
                  hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
@@ -430,13 +462,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     model, meta, config, device = _inference_setup(args)
     split = args.split or config.data.val_split
+    folder = args.checkpoint.parent
+    run_folder = folder.parent if folder.name == "checkpoints" else folder
+    out = args.out or run_folder / f"eval-{split}.json"
+    check_out_file(out)
     dataset = build_val_dataset(config, split)
     scores = evaluate(model, dataset, meta["classes"], config.eval, device=device,
                       num_workers=config.data.num_workers,
                       progress=lambda items: _progress(items, f"eval {split}", "img"))
-    folder = args.checkpoint.parent
-    run_folder = folder.parent if folder.name == "checkpoints" else folder
-    out = args.out or run_folder / f"eval-{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(args.checkpoint), "split": split, "eval": config.to_dict()["eval"], **scores}
     write_json(out, record)
@@ -449,6 +482,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from annseg.engine.predict import find_images, overlay
     from annseg.engine.segmenter import Segmenter
 
+    check_out_folder(args.out)
     images = find_images(args.inputs)
     model, meta, config, device = _inference_setup(args)
     segmenter = Segmenter.from_meta(model, meta, config.eval).to(device)
@@ -502,6 +536,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from annseg.convert import CONVERTERS
     from annseg.engine.checkpoint import save_model
 
+    check_out_file(args.out, "OUT")
     model, meta = CONVERTERS[args.format](args.checkpoint, dataset=args.dataset)
     save_model(args.out, model, meta)
     config = meta["config"]
@@ -546,13 +581,14 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise SystemExit(f"annseg: error: {error}")
     validate_opset(args.opset)
+    folder = args.checkpoint.parent
+    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.onnx"
+    check_out_file(out)
     _require_default_checkpoint(args.checkpoint)
     network, meta = load_model(args.checkpoint)
     segmenter = Segmenter.from_meta(network, meta)
     crop = meta["config"].data.crop_size
     height, width = args.height or crop[0], args.width or crop[1]
-    folder = args.checkpoint.parent
-    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.onnx"
     shape = "dynamic batch, height and width" if args.dynamic else f"fixed 1x3x{height}x{width}"
     print(f"exporting {args.checkpoint} ({shape}, opset {args.opset}); tracing takes a while", file=sys.stderr,
           flush=True)
@@ -583,6 +619,7 @@ def _cmd_export_weights(args: argparse.Namespace) -> None:
     out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.ckpt"
     if out.resolve() == args.checkpoint.resolve():
         raise ValueError(f"--out {out} is the checkpoint itself; name another file")
+    check_out_file(out)
     export_weights(args.checkpoint, out)
     size = lambda path: path.stat().st_size / 2**20  # noqa: E731
     print(f"wrote {out}: {size(out):,.1f} MiB (the checkpoint: {size(args.checkpoint):,.1f} MiB); "
@@ -604,6 +641,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"model.variant={args.variant}"] if args.variant else [])
     config = load_config(args.config, overrides)
     out = args.out or Path("runs") / f"demo-{config.model.variant}"
+    check_out_folder(out)
     _quiet_lightning()
     start = time.perf_counter()
     fit(config, out, progress=_training_progress())
@@ -638,8 +676,52 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except KeyboardInterrupt as interrupt:
         raise SystemExit(f"annseg: interrupted{f'; {interrupt}' if str(interrupt) else ''}")
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as error:
+    except (ValueError, FloatingPointError) as error:
         raise SystemExit(f"annseg: error: {_one_line(error)}")
+    except OSError as error:
+        raise SystemExit(f"annseg: error: {_os_error_line(error, _then(args), _out(args))}")
+    except RuntimeError as error:
+        if (line := _worker_killed_line(error, _then(args))) is None:
+            raise
+        raise SystemExit(f"annseg: error: {line}")
+
+
+def _then(args: argparse.Namespace) -> str:
+    """What to do once the cause is fixed: training continues from its last checkpoint."""
+    return "--resume latest" if args.command == "train" else "run the command again"
+
+
+def _out(args: argparse.Namespace) -> Path | None:
+    """Where the command writes (for a write error that names no file, e.g. from Lightning's loggers)."""
+    out = getattr(args, "out", None)
+    return _run_folder(args) if out is None and args.command == "train" else out
+
+
+def _os_error_line(error: OSError, then: str, out: Path | None = None) -> str:
+    """One line for a fault of the machine: a full disk, a missing, unreadable or unwritable file."""
+    if error.errno is None:  # raised by annseg with its own message
+        return _one_line(error)
+    if error.filename is not None:
+        where = f" {error.filename}"
+    else:
+        where = f" a file in {out}" if out is not None else " a file"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on device writing{where}; free space and {then}"
+    return f"{error.strerror or error}:{where}"
+
+
+_WORKER_KILLED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) "
+                            r"(?:exited unexpectedly|is killed by signal: ([^.]*))")
+
+
+def _worker_killed_line(error: RuntimeError, then: str) -> str | None:
+    """One line for a DataLoader worker that died (the OOM killer's SIGKILL, most often); else None."""
+    match = _WORKER_KILLED.search(str(error))
+    if match is None:
+        return None
+    how = f"signal: {match.group(2).strip()}" if match.group(2) else "it exited unexpectedly"
+    return (f"a data-loading worker (pid {match.group(1).strip()}) was killed ({how}), likely out of memory; "
+            f"use fewer workers (--set data.num_workers=N) or a smaller batch (data.batch_size), then {then}")
 
 
 def _report_library_messages() -> None:

@@ -40,8 +40,8 @@ def config_file(argument: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        raise FileNotFoundError(f"config {path} is a folder; give a YAML file or a packaged config name "
-                                f"({', '.join(packaged_configs())})")
+        raise IsADirectoryError(f"config file {path} is a directory; expected a YAML file or a packaged config "
+                                f"name ({', '.join(packaged_configs())})")
     if len(path.parts) == 1 and path.suffix not in (".yaml", ".yml"):
         return packaged_config(str(path))
     if path.suffix in (".yaml", ".yml") and path.stem in packaged_configs():

@@ -17,6 +17,7 @@ from torch import nn
 from annseg import __version__
 from annseg.engine.builders import build_model
 from annseg.engine.config import Config, ConfigError, config_from_dict
+from annseg.models.weights import UnsafeFileError, read_file
 
 
 @contextmanager
@@ -26,6 +27,8 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     It is written to a temporary file in the same folder, synced and renamed: a rename is
     atomic on POSIX file systems, so a job killed meanwhile leaves the previous file intact and
     at worst a stray ``.<name>.tmp-<pid>`` (``remove_partial_writes`` deletes those).
+    A failed write (a full disk: ``torch.save`` reports it as a RuntimeError whose context is
+    the OSError) raises an OSError naming ``path``, with the errno of the cause.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +39,24 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except Exception as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError with an errno behind ``error`` (itself, or along its cause/context chain)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,6 +67,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         with atomic_file(path) as file:
             torch.save(checkpoint, file)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """What Lightning restores on resume, read as every annseg checkpoint is (plain data only,
+        whatever ``weights_only`` says), onto the CPU: Lightning moves the states to the device."""
+        return read_checkpoint(path)
 
 
 def model_meta(config: Config, classes: list[str], palette: list[list[int]]) -> dict[str, Any]:
@@ -98,17 +123,27 @@ def verify_checkpoint(path: str | Path) -> None:
         raise ValueError(f"checkpoint {path} is corrupt: its record {bad!r} fails the CRC check")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict at ``path``, checked whole, with errors that name the file."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, checked whole, with errors that name the file.
+
+    Every checkpoint annseg reads comes through here and ``read_file``: plain data only
+    (``weights_only=True``); one holding a pickled object raises ``UnsafeFileError`` and
+    nothing in it runs. ``mmap`` maps the tensors instead of reading them.
+    """
     path = Path(path)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f" such as {last}" if last.is_file() else ""
+        raise IsADirectoryError(f"checkpoint {path} is a directory; expected a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     verify_checkpoint(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
-                         "it may be truncated or not a torch checkpoint") from None
+        checkpoint = read_file(path, "checkpoint", mmap=mmap)
+    except UnsafeFileError:
+        raise
+    except ValueError as error:
+        raise ValueError(f"{error}; it may be truncated or not a torch checkpoint") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "annseg" not in checkpoint:
         raise ValueError(f"checkpoint {path} is not an annseg training checkpoint (no 'state_dict' / 'annseg' entry)")
     return checkpoint
@@ -123,6 +158,8 @@ def latest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
     Candidates are ``last.ckpt`` and ``iter_NNNNNN.ckpt``, newest iteration first (``last.ckpt``
     wins a tie: it is written after the numbered one). Each is verified whole; a corrupt or
     truncated one is skipped, with its reason in the returned list. ``None`` when none is good.
+    A file holding a pickled object is never skipped: its ``UnsafeFileError`` propagates, since
+    annseg never writes one and quietly resuming from an older checkpoint would hide it.
     """
     folder = Path(folder)
     candidates: list[tuple[int, int, Path]] = []
@@ -130,9 +167,11 @@ def latest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
     for path in folder.glob("*.ckpt") if folder.is_dir() else ():
         if path.name == "last.ckpt":
             try:  # its step, without reading the tensors (memory-mapped)
-                step = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
-            except Exception as error:
-                skipped.append(_unreadable(path, error))
+                step = int(read_checkpoint(path, mmap=True).get("global_step", -1))
+            except UnsafeFileError:
+                raise
+            except (ValueError, OSError) as error:
+                skipped.append(str(error))
                 continue
             candidates.append((step, 1, path))
         elif match := _STEP.fullmatch(path.name):
@@ -140,19 +179,13 @@ def latest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
     for _, _, path in sorted(candidates, reverse=True):
         try:
             read_checkpoint(path)
-        except ValueError as error:
+        except UnsafeFileError:
+            raise
+        except (ValueError, OSError) as error:
             skipped.append(str(error))
             continue
         return path, skipped
     return None, skipped
-
-
-def _unreadable(path: Path, error: Exception) -> str:
-    try:
-        verify_checkpoint(path)
-    except ValueError as corrupt:
-        return str(corrupt)
-    return f"checkpoint {path} cannot be read ({type(error).__name__}: {error})"
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:

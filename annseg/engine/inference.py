@@ -7,7 +7,9 @@ logits of each view after resizing them back to the original size, as the author
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -16,10 +18,85 @@ from torch import Tensor, nn
 
 from annseg.engine.config import EvalConfig
 
+log = logging.getLogger(__name__)
+
 
 def _forward(model: nn.Module, images: Tensor) -> Tensor:
     logits = model(images)
     return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+def whole_image_bytes(model: nn.Module, height: int, width: int, num_classes: int, element_size: int = 4) -> int | None:
+    """Estimated peak activation bytes of one whole-image forward (batch 1) of an ANN network.
+
+    Computed from the backbone's channel widths (None for a network without ``backbone.channels``).
+    Inference keeps few maps alive at once; the largest set is one of
+    - the stride-2 stem: two maps of its widest convolution (128 channels at most), over 4;
+    - layer1 at stride 4: its 256-channel input and output and two 64-channel inner maps, over 16;
+    - layer4's last bottleneck at stride 8: its input and output (C4 each), two inner maps (C4/4
+      each), the dilated 3x3 convolution's unfolded input (9 C4/4, the CPU's im2col) and
+      layer3's output (C3), kept for AFNB, over 64;
+    plus, at full resolution, the input (3 values) and the logits three times (upsampled, their
+    float32 copy, ``infer``'s sum): 3 + 3K. For ResNet-50/101 (C3 = 1024, C4 = 2048) and 19
+    classes that is 228 values, 912 bytes in float32, per input pixel (measured: about 970 on the
+    CPU, the growth of peak memory from 256x512 to 512x1024 of ann_resnet101): 58 GB for an
+    8000x8000 image, 1.9 GB for 1024x2048.
+    """
+    channels = getattr(getattr(model, "backbone", None), "channels", None)
+    if not channels or len(channels) != 2:
+        return None
+    low, high = channels
+    per_pixel = max(2 * 128 / 4, (2 * 256 + 2 * 64) / 16, (low + 2 * high + 11 * high / 4) / 64) + 3 + 3 * num_classes
+    return int(per_pixel * height * width * element_size)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes where ``device``'s tensors live: CUDA's free memory, else the system's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil  # optional: more portable than /proc
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+_WARNED: set[tuple[int, int, int, str]] = set()  # the (batch, height, width, device) warned about
+
+
+def warn_if_too_large(model: nn.Module, images: Tensor, num_classes: int, size: tuple[int, int] | None = None) -> bool:
+    """Log a WARNING when a whole-image forward of ``images`` likely needs more memory than is free.
+
+    ``size``: the (H, W) the network sees when it is not the images' own (a test scale). The
+    estimate is ``whole_image_bytes`` per image of the batch against ``available_memory``, so a
+    run that would be killed for memory (or fail with CUDA out of memory) is told to use sliding
+    windows before it starts. Each size warns once per process (a dataset of large images would
+    repeat it for every image). Returns whether it warned.
+    """
+    height, width = size or tuple(images.shape[-2:])
+    key = (images.shape[0], height, width, str(images.device))
+    if key in _WARNED:
+        return False
+    needed = whole_image_bytes(model, height, width, num_classes, images.element_size())
+    free = available_memory(images.device)
+    if needed is None or free is None or needed * images.shape[0] <= free:
+        return False
+    _WARNED.add(key)
+    log.warning("whole-image inference on a %dx%d image needs about %.1f GB of activation memory but %.1f GB is "
+                "free on %s; use --mode slide (eval.mode=slide: windows of eval.crop_size) or a smaller image",
+                height, width, needed * images.shape[0] / 1e9, free / 1e9, images.device)
+    return True
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -90,6 +167,10 @@ def infer(
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
     height, width = images.shape[-2:]
+    if mode == "whole":
+        base = 1.0 if short_side is None else short_side / min(height, width)
+        largest = max(1, round(height * base * max(scales))), max(1, round(width * base * max(scales)))
+        warn_if_too_large(model, images, num_classes, largest)
     align_corners = getattr(model, "align_corners", False)
     total = images.new_zeros(images.shape[0], num_classes, height, width, dtype=torch.float32)
     base = 1.0 if short_side is None else short_side / min(height, width)

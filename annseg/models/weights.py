@@ -8,6 +8,8 @@ unmatched key on either side, instead of silently leaving weights at their initi
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,21 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, Tensor
     return unwrap_state_dict(read_file(path, what), path, what)
 
 
-def read_file(path: str | Path, what: str = "weights") -> Any:
+class UnsafeFileError(ValueError):
+    """A file holds something other than plain data (a pickled object that would run code)."""
+
+
+def read_file(path: str | Path, what: str = "weights", mmap: bool = False) -> Any:
     """What a torch.save (tensors and plain containers only) or .safetensors file holds.
 
-    Never unpickles arbitrary objects (``weights_only=True``): a foreign file cannot run code.
+    The one place annseg reads a torch file a user hands in. It never unpickles arbitrary
+    objects (``weights_only=True``): a file that holds one is refused with an
+    ``UnsafeFileError`` naming it, and nothing in it runs. ``mmap`` maps the tensors instead
+    of reading them (a quick look at a large checkpoint's entries).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory; expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist (annseg never downloads weights)")
     try:
@@ -38,9 +49,32 @@ def read_file(path: str | Path, what: str = "weights") -> Any:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise UnsafeFileError(f"{what} {path} holds {_unpickler_complaint(str(error))}; annseg loads plain "
+                                  "data only (tensors, numbers, strings, lists, dicts) and never runs code from a "
+                                  "file: use a file annseg or `annseg convert` wrote, or one from a source you "
+                                  "trust re-saved as plain tensors") from None
+        raise ValueError(f"cannot read {what} {path}: {_first_line(error)}") from None
     except Exception as error:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
+        raise ValueError(f"cannot read {what} {path}: {_first_line(error)}") from None
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _unpickler_complaint(message: str) -> str:
+    """What torch's weights-only unpickler refused, in a few words (its message spans lines)."""
+    if match := _UNSUPPORTED_GLOBAL.search(message):
+        return f"a pickled object ({match.group(1)})"
+    detail = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
+    return f"data that is not plain ({detail.group(1).strip() if detail else 'a pickled object'})"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def unwrap_state_dict(content: Any, path: str | Path, what: str = "weights") -> dict[str, Tensor]:
