@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from annseg.layers.baselines import CrissCrossAttention
+from tests.layers.baselines.checks import assert_equals_restatement, assert_trains_at_odd_size
 from tests.layers.reference import project, randomize
 
 
@@ -30,22 +31,15 @@ def plain_criss_cross(block: CrissCrossAttention, x: torch.Tensor) -> torch.Tens
 @pytest.mark.parametrize("shape", [(2, 6, 7, 11), (1, 6, 1, 5), (1, 6, 4, 1)])
 def test_equals_explicit_row_and_column_softmax(recurrence, shape):
     block = randomize(CrissCrossAttention(6, channels=16, recurrence=recurrence)).double().eval()
-    x = torch.randn(*shape, dtype=torch.float64)
-    with torch.no_grad():
-        out = block(x)
-    assert out.shape == (shape[0], 16, *shape[2:])
-    torch.testing.assert_close(out, plain_criss_cross(block, x), rtol=1e-10, atol=1e-10)
+    assert_equals_restatement(block, torch.randn(*shape, dtype=torch.float64), plain_criss_cross, 16)
 
 
 def test_paper_defaults_and_gradients_at_odd_size():
     block = CrissCrossAttention(2048)
     assert block.recurrence == 2 and block.reduce[0].kernel_size == (3, 3)
     assert (block.query.conv.out_channels, block.value.conv.out_channels, block.gamma.item()) == (64, 512, 0.0)
-    small = randomize(CrissCrossAttention(5, channels=8)).train()
-    x = torch.randn(2, 5, 13, 21, requires_grad=True)
-    small(x).square().sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in small.parameters())
+    small = randomize(CrissCrossAttention(5, channels=8))
+    assert_trains_at_odd_size(small, 5)
     assert small.query.conv.weight.grad.abs().sum() > 0  # the attention is trained, not bypassed
     with pytest.raises(ValueError, match="recurrence"):
         CrissCrossAttention(8, recurrence=0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from annseg.layers.baselines import PointwiseSpatialAttention
+from tests.layers.baselines.checks import assert_equals_restatement, assert_trains_at_odd_size
 from tests.layers.reference import project, randomize
 
 
@@ -34,22 +35,15 @@ def plain_psa(block: PointwiseSpatialAttention, x: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("size, shape", [((5, 7), (2, 6, 5, 7)), ((6, 9), (1, 6, 4, 7)), ((1, 4), (1, 6, 1, 4))])
 def test_equals_per_position_loop(size, shape):
     block = randomize(PointwiseSpatialAttention(6, size, 5, channels=4)).double().eval()
-    x = torch.randn(*shape, dtype=torch.float64)
-    with torch.no_grad():
-        out = block(x)
-    assert out.shape == (shape[0], 5, *shape[2:])
-    torch.testing.assert_close(out, plain_psa(block, x), rtol=1e-10, atol=1e-10)
+    assert_equals_restatement(block, torch.randn(*shape, dtype=torch.float64), plain_psa, 5)
 
 
 def test_paper_defaults_and_gradients_at_odd_size():
     block = PointwiseSpatialAttention(2048, (13, 21))
     assert block.collect.mask.conv.out_channels == 25 * 41 and block.collect.reduce.conv.out_channels == 512
     assert block.out.conv.in_channels == 1024 and block.out.conv.out_channels == 2048
-    small = randomize(PointwiseSpatialAttention(5, (13, 21), channels=3)).train()
-    x = torch.randn(2, 5, 13, 21, requires_grad=True)
-    small(x).square().sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in small.parameters())
+    small = randomize(PointwiseSpatialAttention(5, (13, 21), channels=3))
+    assert_trains_at_odd_size(small, 5)
     assert small.distribute.mask.conv.weight.grad.abs().sum() > 0
 
 
