@@ -44,6 +44,7 @@ BLOCKS: dict[str, str] = {  # name -> what it is, as the tables say
           "and column (H + W - 1 positions); C/4 channels out",
 }
 BASELINES = ("denseaspp", "psa", "cc")  # other papers' context modules, not ANN's
+CC_RECURRENCE = 2  # CCNet's default number of criss-cross passes
 DEFAULT_BLOCKS = tuple(b for b in BLOCKS if b not in BASELINES)  # PSA at 128x256 needs ~20 GiB: opt in
 PAPER_ANCHORS = (1, 3, 6, 8)
 PAPER_SIZES = ((96, 96), (128, 128), (128, 256))
@@ -87,13 +88,21 @@ class BlockCase:
         return NonLocal2d(self.channels, **options).eval()
 
     def _build_baseline(self) -> nn.Module:
-        """The papers' widths at C = 2048 (512 and 128), scaled with C for small tests."""
-        width = max(self.channels // 4, 1)
         if self.block == "denseaspp":
-            return DenseASPP(self.channels, reduce_channels=width, growth=max(self.channels // 16, 1))
+            return DenseASPP(self.channels, reduce_channels=self.baseline_width, growth=self.baseline_growth)
         if self.block == "psa":
-            return PointwiseSpatialAttention(self.channels, (self.height, self.width), channels=width)
-        return CrissCrossAttention(self.channels, channels=width)
+            return PointwiseSpatialAttention(self.channels, (self.height, self.width), channels=self.baseline_width)
+        return CrissCrossAttention(self.channels, channels=self.baseline_width, recurrence=CC_RECURRENCE)
+
+    @property
+    def baseline_width(self) -> int:
+        """The baselines' inner width: C/4, their papers' 512 at C = 2048 (scaled for small tests)."""
+        return max(self.channels // 4, 1)
+
+    @property
+    def baseline_growth(self) -> int:
+        """DenseASPP's channels per layer: C/16, the published model's 128 at C = 2048."""
+        return max(self.channels // 16, 1)
 
     def inputs(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """Random inputs of the case's shapes: ``(x,)``, or ``(low, high)`` for AFNB."""
@@ -153,10 +162,10 @@ def count_macs(case: BlockCase) -> dict[str, int]:
 
 def baseline_macs(case: BlockCase) -> dict[str, int]:
     """Multiply-accumulates of DenseASPP, PSA and CC as ``BlockCase`` builds them, by stage."""
-    C, H, W = case.channels, case.height, case.width
-    N, width = H * W, max(C // 4, 1)
+    C, H, W, width = case.channels, case.height, case.width, case.baseline_width
+    N = H * W
     if case.block == "denseaspp":
-        growth, rates = max(C // 16, 1), 5
+        growth, rates = case.baseline_growth, 5
         macs = {"reduce_1x1": sum(N * (C + k * growth) * width for k in range(rates)),
                 "atrous_3x3": rates * N * width * 9 * growth}
     elif case.block == "psa":
@@ -165,7 +174,7 @@ def baseline_macs(case: BlockCase) -> dict[str, int]:
         macs = {"reduce_and_masks": 2 * branch, "aggregation": 2 * N * N * width,
                 "output_projection": N * 2 * width * C}
     else:
-        recurrence, query = 2, max(width // 8, 1)
+        recurrence, query = CC_RECURRENCE, max(width // 8, 1)
         macs = {"reduce_3x3": N * C * width * 9,
                 "projections": recurrence * N * width * (2 * query + width),
                 "attention": recurrence * N * (H + W) * (query + width)}  # own position computed twice, masked once
