@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from annseg import __version__
-from annseg.bench.blocks import BLOCKS as BLOCK_NAMES
+from annseg.bench.blocks import BASELINES, BLOCKS as BLOCK_NAMES, DEFAULT_BLOCKS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     blocks = bench_commands.add_parser(
         "blocks",
-        help="plain NB vs NonLocal2d vs APNB vs AFNB: the paper's efficiency table, completed",
+        help="plain NB vs NonLocal2d vs APNB vs AFNB (and DenseASPP, PSA, CC): the paper's efficiency table, completed",
         description="Forward and training (forward + backward) time, peak memory and "
         "multiply-accumulates of the attention part of each block on (1, C, H, W) inputs, each "
         "case in a fresh subprocess. --anchors with several sets sweeps APNB's pooling sizes.",
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input sizes (default: the paper's 96x96 128x128 128x256)")
     blocks.add_argument("--quick", action="store_true",
                         help="small sizes (24x24 32x32 32x64), 3 repeats, forward only: a quick check")
-    blocks.add_argument("--blocks", nargs="+", choices=list(BLOCK_NAMES), default=list(BLOCK_NAMES))
+    blocks.add_argument("--blocks", nargs="+", choices=list(BLOCK_NAMES), default=list(DEFAULT_BLOCKS),
+                        help=f"blocks to measure (default: {' '.join(DEFAULT_BLOCKS)}); the other papers' "
+                        f"context modules {' '.join(BASELINES)} on request (PSA's memory grows as N^2)")
     blocks.add_argument("--channels", type=_positive, default=2048, help="input and output channels (2048)")
     blocks.add_argument("--key-channels", type=_positive, default=256, help="Ck (256)")
     blocks.add_argument("--value-channels", type=_positive, default=256, help="Cv (256)")

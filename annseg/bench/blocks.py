@@ -3,7 +3,10 @@
 What is measured follows the authors: the attention part of a block (projections,
 attention, W; no fusion conv) on a (1, 2048, H, W) map with Ck = Cv = 256. Blocks: the plain
 non-local block the paper compares against (``nb-plain``), our NonLocal2d (``nb``), APNB and
-AFNB; forward (eval) and training (forward + backward). Each case and mode runs in a fresh subprocess
+AFNB; and the context modules of other papers the paper compares against, DenseASPP and
+PSANet's point-wise spatial attention, with CCNet's criss-cross attention (``BASELINES``:
+each whole context module without its fusion, widths C/4 as their papers' on 2048 channels).
+Forward (eval) and training (forward + backward). Each case and mode runs in a fresh subprocess
 so that CPU peak memory is that case's alone: time is the median of ``repeats`` runs after
 ``warmup`` runs (CUDA events on a GPU), peak memory is measured above the baseline of the
 built block and its input. Multiply-accumulates are counted analytically (``count_macs``),
@@ -25,6 +28,7 @@ from torch import nn
 from annseg.bench.machine import PeakMemory, describe
 from annseg.bench.runner import BenchResult, machine_line, run_worker, timed
 from annseg.layers import AFNB, APNB, NonLocal2d
+from annseg.layers.baselines import CrissCrossAttention, DenseASPP, PointwiseSpatialAttention
 
 BLOCKS: dict[str, str] = {  # name -> what it is, as the tables say
     "nb-plain": "NonLocal2d as the paper measures it: separate query and key, plain bmm + softmax "
@@ -32,7 +36,16 @@ BLOCKS: dict[str, str] = {  # name -> what it is, as the tables say
     "nb": "our NonLocal2d: shared query/key, key and value in one matmul, fused attention kernel",
     "apnb": "APNB: pyramid anchors, values projected after pooling",
     "afnb": "AFNB: queries from the (C)-channel map, keys and values from a (C/2)-channel one",
+    "denseaspp": "DenseASPP: BN-ReLU-1x1 (C/4) - BN-ReLU-3x3 (C/16) at rates 3, 6, 12, 18, 24, densely "
+                 "concatenated: C + 5 C/16 channels out",
+    "psa": "PSANet's point-wise spatial attention: collect and distribute, C/4 wide, each position's "
+           "(2H-1) x (2W-1) mask gathered to N weights, 1x1 conv back to C",
+    "cc": "CCNet's criss-cross attention: 3x3 conv to C/4, then R = 2 passes over each position's row "
+          "and column (H + W - 1 positions); C/4 channels out",
 }
+BASELINES = ("denseaspp", "psa", "cc")  # other papers' context modules, not ANN's
+CC_RECURRENCE = 2  # CCNet's default number of criss-cross passes
+DEFAULT_BLOCKS = tuple(b for b in BLOCKS if b not in BASELINES)  # PSA at 128x256 needs ~20 GiB: opt in
 PAPER_ANCHORS = (1, 3, 6, 8)
 PAPER_SIZES = ((96, 96), (128, 128), (128, 256))
 QUICK_SIZES = ((24, 24), (32, 32), (32, 64))
@@ -63,6 +76,8 @@ class BlockCase:
 
     def build(self, fused_attention: bool = True) -> nn.Module:
         """The block's attention part (no fusion), in eval mode."""
+        if self.block in BASELINES:
+            return self._build_baseline().eval()
         options = dict(key_channels=self.key_channels, value_channels=self.value_channels,
                        fusion=False, fused_attention=fused_attention and not self.plain)
         if self.block == "afnb":
@@ -71,6 +86,23 @@ class BlockCase:
         if self.block == "apnb":
             return APNB(self.channels, sizes=self.sizes, **options).eval()
         return NonLocal2d(self.channels, **options).eval()
+
+    def _build_baseline(self) -> nn.Module:
+        if self.block == "denseaspp":
+            return DenseASPP(self.channels, reduce_channels=self.baseline_width, growth=self.baseline_growth)
+        if self.block == "psa":
+            return PointwiseSpatialAttention(self.channels, (self.height, self.width), channels=self.baseline_width)
+        return CrissCrossAttention(self.channels, channels=self.baseline_width, recurrence=CC_RECURRENCE)
+
+    @property
+    def baseline_width(self) -> int:
+        """The baselines' inner width: C/4, their papers' 512 at C = 2048 (scaled for small tests)."""
+        return max(self.channels // 4, 1)
+
+    @property
+    def baseline_growth(self) -> int:
+        """DenseASPP's channels per layer: C/16, the published model's 128 at C = 2048."""
+        return max(self.channels // 16, 1)
 
     def inputs(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """Random inputs of the case's shapes: ``(x,)``, or ``(low, high)`` for AFNB."""
@@ -89,9 +121,15 @@ class BlockCase:
         return self.share_query_key and not self.plain and self.block != "afnb"
 
     @property
-    def anchors(self) -> int:
-        """S: positions attended to (N for the non-local block)."""
-        return self.height * self.width if self.block.startswith("nb") else sum(s * s for s in self.sizes)
+    def anchors(self) -> int | None:
+        """S: positions each position attends to (N for the non-local block and PSA, H + W - 1
+        per pass for CC); None for DenseASPP, which has no attention."""
+        if self.block == "denseaspp":
+            return None
+        if self.block == "cc":
+            return self.height + self.width - 1
+        return self.height * self.width if self.block.startswith("nb") or self.block == "psa" \
+            else sum(s * s for s in self.sizes)
 
 
 def count_macs(case: BlockCase) -> dict[str, int]:
@@ -99,8 +137,11 @@ def count_macs(case: BlockCase) -> dict[str, int]:
 
     The query shares the key projection where the block does; APNB and AFNB project values
     after pooling (S positions); pyramid pooling is two matmuls per map (see
-    ``PyramidSampling``); BN, ReLU, softmax and bias additions are not counted.
+    ``PyramidSampling``); BN, ReLU, softmax and bias additions are not counted. The
+    baselines have their own stages (``baseline_macs``).
     """
+    if case.block in BASELINES:
+        return baseline_macs(case)
     C, Ck, Cv, H, W = case.channels, case.key_channels, case.value_channels, case.height, case.width
     N, S = H * W, case.anchors
     C_kv = C // 2 if case.block == "afnb" else C  # the map keys and values are read from
@@ -119,6 +160,28 @@ def count_macs(case: BlockCase) -> dict[str, int]:
     return macs
 
 
+def baseline_macs(case: BlockCase) -> dict[str, int]:
+    """Multiply-accumulates of DenseASPP, PSA and CC as ``BlockCase`` builds them, by stage."""
+    C, H, W, width = case.channels, case.height, case.width, case.baseline_width
+    N = H * W
+    if case.block == "denseaspp":
+        growth, rates = case.baseline_growth, 5
+        macs = {"reduce_1x1": sum(N * (C + k * growth) * width for k in range(rates)),
+                "atrous_3x3": rates * N * width * 9 * growth}
+    elif case.block == "psa":
+        mask = (2 * H - 1) * (2 * W - 1)
+        branch = N * C * width + N * width * width + N * width * mask  # reduce, hidden, mask convs
+        macs = {"reduce_and_masks": 2 * branch, "aggregation": 2 * N * N * width,
+                "output_projection": N * 2 * width * C}
+    else:
+        recurrence, query = CC_RECURRENCE, max(width // 8, 1)
+        macs = {"reduce_3x3": N * C * width * 9,
+                "projections": recurrence * N * width * (2 * query + width),
+                "attention": recurrence * N * (H + W) * (query + width)}  # own position computed twice, masked once
+    macs["total"] = sum(macs.values())
+    return macs
+
+
 def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, threads: int,
             train: bool = False) -> dict[str, object]:
     """Time and peak memory of one case in this process (run it in a fresh one).
@@ -132,7 +195,8 @@ def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, th
     torch.manual_seed(0)
     block = case.build().to(device).train(train)
     with torch.inference_mode():
-        block.eval()(*BlockCase(case.block, 8, 8, case.channels).inputs(device))  # initialise kernels, pools
+        warm = BlockCase(case.block, min(8, case.height), min(8, case.width), case.channels)
+        block.eval()(*warm.inputs(device))  # initialise kernels, pools
     block.train(train)
     inputs = case.inputs(device)
     if train:
@@ -162,7 +226,7 @@ def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, th
 
 def plan_cases(
     sizes: Sequence[tuple[int, int]],
-    blocks: Sequence[str] = tuple(BLOCKS),
+    blocks: Sequence[str] = DEFAULT_BLOCKS,
     anchor_sets: Sequence[tuple[int, ...]] = (PAPER_ANCHORS,),
     **shape: int,
 ) -> list[BlockCase]:
@@ -185,7 +249,7 @@ def primary_anchors(anchor_sets: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
 def run_blocks(
     sizes: Sequence[tuple[int, int]],
     *,
-    blocks: Sequence[str] = tuple(BLOCKS),
+    blocks: Sequence[str] = DEFAULT_BLOCKS,
     channels: int = 2048,
     key_channels: int = 256,
     value_channels: int = 256,
@@ -247,7 +311,7 @@ def render_markdown(result: dict) -> str:
         f"Attention part (projections, attention, W), fp32, batch 1, Ck = Cv = {cases[0]['key_channels']}, "
         f"anchors {_sizes(main)}; median of {result['repeats']} runs after {result['warmup']} warm-up. "
         f"Forward in eval mode{'; training = forward + backward (input and parameter gradients)' if trained else ''}. "
-        f"x: how many times faster / lighter than nb-plain. {machine_line(result)}",
+        f"x: how many times faster / lighter than nb-plain. {_baselines_line(cases)}{machine_line(result)}",
         "",
         "| input | block | S | GMACs | forward (ms) | x | forward peak (MiB) | x "
         + ("| training (ms) | x | training peak (MiB) | x |" if trained else "|"),
@@ -257,7 +321,7 @@ def render_markdown(result: dict) -> str:
     for c in table:
         base = plain.get((c["channels"], c["height"], c["width"]), {})
         lines.append(
-            f"| {_shape(c)} | {c['block']} | {c['anchors']} | {_gmacs(c)} "
+            f"| {_shape(c)} | {c['block']} | {'-' if c['anchors'] is None else c['anchors']} | {_gmacs(c)} "
             + " ".join(f"| {_num(c, key)} | {_ratio(base, c, key)}" for key in keys)
             + " |"
         )
@@ -275,6 +339,15 @@ def render_markdown(result: dict) -> str:
                          + " |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _baselines_line(cases: list[dict]) -> str:
+    """What the other papers' modules in the table measure (their widths are not Ck and Cv)."""
+    present = [b for b in BASELINES if any(c["block"] == b for c in cases)]
+    if not present:
+        return ""
+    return (f"{', '.join(present)}: the whole context module without its fusion, widths C/4 (C/16 for "
+            f"DenseASPP's growth); S = positions each position attends to. ")
 
 
 def _shape(case: dict) -> str:

@@ -1,12 +1,13 @@
 import gc
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from annseg.bench.blocks import (README_END, README_START, BlockCase, count_macs, measure, plan_cases,
-                                 render_markdown, update_readme)
+from annseg.bench.blocks import (BASELINES, BLOCKS, DEFAULT_BLOCKS, README_END, README_START, BlockCase, count_macs,
+                                 measure, plan_cases, render_markdown, update_readme)
 from annseg.bench.machine import PeakMemory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
     BlockCase("apnb", 5, 3, channels=16, key_channels=8, value_channels=8, sizes=(1, 2, 4)),
     BlockCase("apnb", 24, 40, channels=64),
     BlockCase("apnb", 9, 10, channels=16, share_query_key=False),
+    BlockCase("denseaspp", 13, 21, channels=32),
+    BlockCase("psa", 13, 21, channels=32),
+    BlockCase("psa", 6, 5, channels=16),
+    BlockCase("cc", 13, 21, channels=64),
+    BlockCase("cc", 1, 7, channels=16),
 ])
 def test_analytic_macs_match_flop_counter(case):
     block = case.build(fused_attention=False)  # the reference path: plain bmm + softmax
@@ -51,7 +57,7 @@ def test_peak_memory_sees_an_allocation():
     assert idle.peak < 16 * 2**20
 
 
-@pytest.mark.parametrize("block", ["apnb", "afnb", "nb-plain"])
+@pytest.mark.parametrize("block", ["apnb", "afnb", "nb-plain", *BASELINES])
 @pytest.mark.parametrize("train", [False, True])
 def test_measure_reports_time_and_memory(block, train):
     case = BlockCase(block, 16, 16, channels=64)
@@ -90,3 +96,45 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, "x")
+
+
+def test_baselines_at_paper_scale():
+    """On (1, 2048, H, W): the papers' widths, output channels, and what each attends to."""
+    shapes = {}
+    for block in BASELINES:
+        case = BlockCase(block, 5, 7)
+        with torch.no_grad():
+            shapes[block] = tuple(case.build()(*case.inputs()).shape)
+    assert shapes == {"denseaspp": (1, 2048 + 5 * 128, 5, 7), "psa": (1, 2048, 5, 7), "cc": (1, 512, 5, 7)}
+    assert [BlockCase(b, 96, 96).anchors for b in BASELINES] == [None, 96 * 96, 96 + 96 - 1]
+
+
+def test_baselines_are_opt_in():
+    assert set(DEFAULT_BLOCKS) | set(BASELINES) == set(BLOCKS) and not set(DEFAULT_BLOCKS) & set(BASELINES)
+    assert {c.block for c in plan_cases([(8, 8)])} == set(DEFAULT_BLOCKS)
+
+
+def test_render_names_the_baselines_without_anchors():
+    machine = dict(device_name="cpu", device="cpu", threads=1, torch="x", matmul_4096_fp32_gflops=1.0)
+    rows = [dict(channels=8, height=4, width=4, key_channels=2, sizes=[1, 3, 6, 8], macs={"total": 10**9},
+                 block=block, anchors=anchors, time_ms=t, peak_mib=10.0)
+            for block, anchors, t in (("nb-plain", 16, 40.0), ("denseaspp", None, 20.0), ("cc", 7, 10.0))]
+    text = render_markdown(dict(command="annseg bench blocks", machine=machine, repeats=1, warmup=0, cases=rows))
+    assert "| [1,8,4,4] | denseaspp | - | 1.0 | 20 | 2.0x |" in text
+    assert "| [1,8,4,4] | cc | 7 | 1.0 | 10 | 4.0x |" in text
+    assert "denseaspp, cc: the whole context module" in text
+
+
+def test_cli_runs_the_comparison(tmp_path):
+    from tests.test_cli import run
+
+    out = tmp_path / "bench"
+    proc = run("bench", "blocks", "--blocks", "nb", "denseaspp", "psa", "cc", "--sizes", "9x13",
+               "--channels", "32", "--forward-only", "--repeats", "1", "--warmup", "0", "--threads", "1",
+               "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads((out / "results.json").read_text())["cases"]
+    assert [c["block"] for c in cases] == ["nb", "denseaspp", "psa", "cc"]
+    assert all(c["time_ms"] > 0 and c["macs"]["total"] == count_macs(BlockCase(c["block"], 9, 13, 32))["total"]
+               for c in cases)
+    assert "| [1,32,9,13] | psa | 117 |" in (out / "results.md").read_text()
