@@ -15,7 +15,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_zoo_names():
     names = list_models()
     for required in ("ann_resnet101", "ann_resnet50", "ann_resnet18", "ann_resnet101s",
-                     "fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101"):
+                     "fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101",
+                     "ann_convnext_tiny", "ann_efficientnet_b0", "ann_mobilenetv3_large_100", "ann_regnety_008"):
         assert required in names
     assert annseg.list_models() == names
 
@@ -97,7 +98,7 @@ def test_unknown_name_option_and_variant_are_clear_errors():
         ANN(3, backbone="resnet18", variant="psp")
     with pytest.raises(ValueError, match="num_classes"):
         create_model("ann_resnet18", num_classes=0)
-    with pytest.raises(ValueError, match="backbone 'resnet999' cannot be built"):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet999'"):
         ANN(3, backbone="resnet999")
 
 
