@@ -7,6 +7,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import timm
+
 from annseg.models.ann import ANN, VARIANTS
 from annseg.models.backbones import RESNETS, TIMM_PREFIX
 
@@ -44,7 +46,9 @@ def create_model(
     elif variant in VARIANTS and backbone.startswith(TIMM_PREFIX):
         build = partial(ANN, backbone=backbone, variant=variant)
     else:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}, or {{variant}}_timm:NAME for any "
+        bare = variant in VARIANTS and timm.is_model(backbone)  # a timm name without its timm: (convnext_atto)
+        hint = f"; for timm's {backbone!r} write '{variant}_{TIMM_PREFIX}{backbone}'" if bare else ""
+        raise ValueError(f"unknown model {name!r}{hint}; choose from {sorted(MODELS)}, or {{variant}}_timm:NAME for any "
                          f"timm backbone (e.g. 'ann_timm:convnext_small'), variant one of {list(VARIANTS)}")
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:

@@ -141,3 +141,13 @@ def test_fuse_for_inference_keeps_the_output(variant):
         torch.testing.assert_close(model(image), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="eval"):
         create_model("ann_resnet18", num_classes=3).train().fuse_for_inference()
+
+
+def test_readme_states_the_timm_named_models_parameter_counts():
+    from annseg.models.zoo import TIMM_MODELS
+
+    for name in TIMM_MODELS:
+        with torch.device("meta"):  # shapes only
+            model = create_model(f"ann_{name}", num_classes=19)
+        row = f"| `ann_{name}` | `timm:{name}` | {sum(p.numel() for p in model.parameters()):,} |"
+        assert row in README.read_text(), row

@@ -189,7 +189,8 @@ def test_unknown_backbone_says_how_to_spell_it(name, message):
 
 
 def test_unknown_model_names_the_timm_form():
-    with pytest.raises(ValueError, match=r"unknown model 'fcn_convnext_tiny'; .*\{variant\}_timm:NAME"):
+    with pytest.raises(ValueError, match=r"unknown model 'fcn_convnext_tiny'; for timm's 'convnext_tiny' write "
+                                         r"'fcn_timm:convnext_tiny'; choose from .*\{variant\}_timm:NAME"):
         create_model("fcn_convnext_tiny")
     with pytest.raises(ValueError, match="unknown backbone 'timm:not_a_model'"):
         create_model("ann_timm:not_a_model")
