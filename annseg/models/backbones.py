@@ -76,7 +76,7 @@ class Backbone(nn.Module):
     def __init__(self, name: str = "resnet101", weights: str | Path | None = None, output_stride: int = 8) -> None:
         super().__init__()
         self.timm_name = resolve_backbone(name)
-        if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):
+        if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES} (8: dilated, the paper's; 16: faster), "
                              f"got {output_stride!r}")
         self.name = name

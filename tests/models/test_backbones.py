@@ -171,6 +171,8 @@ def test_one_spelling_one_network():
     assert resolve_backbone("resnet50v1b") == "resnet50"
     assert resolve_backbone("timm:resnet50") == "resnet50"  # timm's own name, written as such
     assert ANN(2, backbone="resnet50", variant="fcn").backbone.body.conv1[0].out_channels == 32
+    with torch.device("meta"):  # annseg's resnet50s has the authors' ceil-mode max-pool; timm's own has not
+        assert Backbone("resnet50s").body.maxpool.ceil_mode and not Backbone("timm:resnet50s").body.maxpool.ceil_mode
     assert create_model("fcn_resnet50", num_classes=2).backbone.timm_name == "resnet50c"
     # any variant on any timm backbone, as a config's {variant}_{backbone} spells it
     assert create_model("fcn_timm:convnext_atto", num_classes=2).backbone.timm_name == "convnext_atto"
