@@ -62,3 +62,15 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
         main(args)
     text = str(exit_info.value.code) + capsys.readouterr().err
     assert message in text
+
+
+def test_models_lists_every_named_model_with_its_parameter_count():
+    """Counted on the meta device (cheap); the counts are those of the built models."""
+    from annseg.models import create_model, list_models
+
+    proc = run("models", "--num-classes", "5")
+    assert proc.returncode == 0, proc.stderr
+    counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in proc.stdout.splitlines()[1:]}
+    assert sorted(counts) == list_models()
+    for name in ("ann_resnet18", "ann_mobilenetv3_large_100"):
+        assert counts[name] == sum(p.numel() for p in create_model(name, num_classes=5).parameters()), name

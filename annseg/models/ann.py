@@ -19,17 +19,28 @@ class ANN(nn.Module):
     """Asymmetric Non-local Network: backbone -> AFNB -> 3x3 conv -> APNB -> classifier.
 
     ``variant`` picks the paper's ablation: ``fcn`` (no blocks), ``nb`` (NonLocal2d in place
-    of APNB, no AFNB), ``apnb``, ``afnb``, ``ann`` (both blocks). An auxiliary head on layer3
-    helps training. Training mode returns ``(main, aux)`` logits, eval mode the main logits,
-    each (B, num_classes, H, W) at the input's size.
+    of APNB, no AFNB), ``apnb``, ``afnb``, ``ann`` (both blocks). AFNB fuses the backbone's
+    last two feature levels (low: layer3, high: layer4 for a ResNet); an auxiliary head on the
+    low level helps training. Training mode returns ``(main, aux)`` logits, eval mode the main
+    logits, each (B, num_classes, H, W) at the input's size.
+
+    ``backbone`` is one of annseg's ResNet names, which mean the same network everywhere
+    (``resnet18``, ``resnet50``/``resnet101``: mmseg's ResNetV1c deep stem, timm's
+    ``resnet50c``/``resnet101c``; ``resnet50s``/``resnet101s``: the authors' deep-base stem;
+    ``resnet50v1b``/``resnet101v1b``: torchvision's 7x7 stem), or ``timm:NAME`` for any other
+    timm model that ``features_only`` supports and can dilate (``timm:convnext_tiny``,
+    ``timm:efficientnet_b0``, ...); ``timm:NAME`` is exactly timm's ``NAME``. ``output_stride``
+    8 (dilated, the paper's setting) or 16 (faster). ``backbone_weights``: a local state dict
+    of the whole timm model (see ``load_backbone_weights``); nothing is downloaded.
     """
 
     def __init__(
         self,
         num_classes: int,
         *,
-        backbone: str = "resnet101c",
+        backbone: str = "resnet101",
         backbone_weights: str | Path | None = None,
+        output_stride: int = 8,
         variant: Variant = "ann",
         head_channels: int = 512,
         key_channels: int = 256,
@@ -50,13 +61,8 @@ class ANN(nn.Module):
         self.variant = variant
         self.num_classes = num_classes
         self.align_corners = align_corners
-        self.backbone = Backbone(backbone, weights=backbone_weights)
-        if len(self.backbone.channels) != 2 or self.backbone.strides != (8, 8):
-            raise ValueError(
-                f"ANN needs layer3 and layer4 at stride 8; backbone {backbone!r} gives channels "
-                f"{self.backbone.channels} at strides {self.backbone.strides}"
-            )
-        low, high = self.backbone.channels  # layer3, layer4: 1024, 2048 for ResNet-50/101
+        self.backbone = Backbone(backbone, weights=backbone_weights, output_stride=output_stride)
+        low, high = self._feature_channels(output_stride)  # layer3, layer4: 1024, 2048 for ResNet-50/101
         block = dict(key_channels=key_channels, value_channels=value_channels, dropout=dropout,
                      conv_bias=conv_bias, fused_attention=fused_attention)
         self.afnb = (
@@ -77,9 +83,9 @@ class ANN(nn.Module):
         )
 
     def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        low, high = self.backbone(image)  # layer3 (B, C3, H/8, W/8), layer4 (B, C4, H/8, W/8)
-        x = high if self.afnb is None else self.afnb(low, high)  # (B, C4, H/8, W/8)
-        x = self.context(x)  # (B, 512, H/8, W/8)
+        low, high = self.backbone(image)  # layer3 (B, C3, h, w), layer4 (B, C4, h, w); h = H/8 at stride 8
+        x = high if self.afnb is None else self.afnb(low, high)  # (B, C4, h, w); AFNB pools low's anchors
+        x = self.context(x)  # (B, 512, h, w)
         if self.apnb is not None:
             x = self.apnb(x)
         logits = self._upsample(self.classifier(x), image)
@@ -97,6 +103,15 @@ class ANN(nn.Module):
             if block is not None:
                 block.fuse_for_inference()
         return self
+
+    def _feature_channels(self, output_stride: int) -> tuple[int, int]:
+        """The backbone's (low, high) channels, checked against what AFNB and the heads need."""
+        channels, strides = self.backbone.channels, self.backbone.strides
+        if (len(channels) != 2 or not all(isinstance(c, int) and c > 0 for c in channels)
+                or strides[-1] != output_stride):
+            raise ValueError(f"ANN needs two feature levels (low, high) at output stride {output_stride}; backbone "
+                             f"{self.backbone.name!r} gives channels {channels} at strides {strides}")
+        return channels[0], channels[1]
 
     def _upsample(self, logits: Tensor, image: Tensor) -> Tensor:
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=self.align_corners)

@@ -1,48 +1,94 @@
-"""Dilated ResNet backbones through timm, returning layer3 and layer4 at output stride 8.
+"""Backbones through timm: the last two feature levels, dilated to output stride 8 or 16.
 
-Weights come only from a local file the user names; nothing is ever downloaded.
+A backbone is named by annseg's ResNet names (``RESNETS``: the paper's stems, with the same
+meaning in ``ANN``, the model zoo and the config) or, for any other timm model, ``timm:NAME``
+(e.g. ``timm:convnext_tiny``), which means exactly timm's ``NAME``. Weights come only from a
+local file the user names; nothing is ever downloaded (timm's ``pretrained`` is always off).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from annseg.models.weights import load_exactly, read_state_dict
 
-# timm's names for the ResNet stems docs/method.md describes: 'c' is mmseg's ResNetV1c deep stem
-# (3->32->32->64), 's' the authors' deep-base stem (3->64->64->128), whose 3x3 max-pool
-# rounds up (ceil mode); no letter is the plain 7x7 stem of torchvision (mmseg's ResNetV1b).
-RESNET_STEMS = ("resnet18", "resnet50", "resnet50c", "resnet50s", "resnet101", "resnet101c", "resnet101s")
-CEIL_MODE_STEMS = ("resnet50s", "resnet101s")
+# annseg's backbone names -> timm's. Plain names use mmseg's ResNetV1c deep stem (timm 'c',
+# 3->32->32->64), 's' the authors' deep-base stem (3->64->64->128, whose 3x3 max-pool rounds
+# up: ceil mode), 'v1b' (mmseg's name) torchvision's plain 7x7 stem, so that torchvision
+# ImageNet weights have a home; ResNet-18 keeps the plain stem.
+RESNETS: dict[str, str] = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50c",
+    "resnet50s": "resnet50s",
+    "resnet50v1b": "resnet50",
+    "resnet101": "resnet101c",
+    "resnet101s": "resnet101s",
+    "resnet101v1b": "resnet101",
+}
+CEIL_MODE_STEMS = ("resnet50s", "resnet101s")  # annseg names: the authors' max-pool rounds up
+TIMM_PREFIX = "timm:"
+OUTPUT_STRIDES = (8, 16)
+
+
+def resolve_backbone(name: str) -> str:
+    """The timm model that the backbone ``name`` means, or a ValueError that names it.
+
+    ``name`` is one of annseg's ResNet names (``RESNETS``) or ``timm:NAME`` for any timm model.
+    A bare timm name that is not annseg's (``convnext_tiny``) is refused with the spelling to
+    use, so that a spelling never means two networks (annseg's ``resnet50`` is timm's ``resnet50c``).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backbone must be a str, got {type(name).__name__} {name!r}")
+    if name in RESNETS:
+        return RESNETS[name]
+    if name.startswith(TIMM_PREFIX):
+        timm_name = name.removeprefix(TIMM_PREFIX)
+        if not timm.is_model(timm_name):
+            close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown backbone {name!r}: timm {timm.__version__} has no model {timm_name!r}"
+                             f" (timm.list_models() lists them){hint}")
+        return timm_name
+    if timm.is_model(name):
+        same = [ours for ours, theirs in RESNETS.items() if theirs == name]
+        also = f" (annseg's {same[0]!r} is that network)" if same else ""
+        hint = f"; for timm's {name!r} write {TIMM_PREFIX + name!r}{also}"
+    else:
+        hint = ""
+    raise ValueError(f"unknown backbone {name!r}; annseg's backbones are {sorted(RESNETS)} and any other "
+                     f"timm model is written 'timm:NAME' (e.g. 'timm:convnext_tiny'){hint}")
 
 
 class Backbone(nn.Module):
-    """A timm ResNet dilated to output stride 8 (layer3 dilation 2, layer4 dilation 4).
+    """A timm model's last two feature levels, dilated to ``output_stride`` (8 or 16).
 
-    ``forward(image)`` returns ``[layer3, layer4]``; ``channels`` and ``strides`` say what
-    each one is, e.g. (1024, 2048) and (8, 8) for ResNet-50/101.
+    ``forward(image)`` returns ``[low, high]`` (for a ResNet: layer3, layer4); ``channels``
+    and ``strides`` say what each one is, e.g. (1024, 2048) and (8, 8) for ResNet-50/101 at
+    output stride 8. ``body`` is timm's ``features_only`` model.
     """
 
-    def __init__(self, name: str = "resnet101c", weights: str | Path | None = None) -> None:
+    def __init__(self, name: str = "resnet101", weights: str | Path | None = None, output_stride: int = 8) -> None:
         super().__init__()
-        try:
-            self.body = timm.create_model(
-                name, pretrained=False, features_only=True, out_indices=(3, 4), output_stride=8
-            )
-        except Exception as error:  # timm raises RuntimeError/KeyError/TypeError by model
-            raise ValueError(
-                f"backbone {name!r} cannot be built as a dilated feature extractor (layer3, layer4 "
-                f"at output stride 8) by timm: {error}. Use a ResNet such as {', '.join(RESNET_STEMS)}"
-            ) from error
+        self.timm_name = resolve_backbone(name)
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES} (8: dilated, the paper's; 16: faster), "
+                             f"got {output_stride!r}")
         self.name = name
+        self.body = _features(name, self.timm_name, output_stride)
         if name in CEIL_MODE_STEMS:
             self.body.maxpool.ceil_mode = True
         self.channels: tuple[int, ...] = tuple(self.body.feature_info.channels())
         self.strides: tuple[int, ...] = tuple(self.body.feature_info.reduction())
+        if self.strides[-1] != output_stride:
+            raise ValueError(f"backbone {name!r} cannot run at output stride {output_stride}: timm's {self.timm_name!r} "
+                             f"accepts output_stride but gives features at strides {self.strides}. Choose a "
+                             "backbone timm can dilate (ResNets, ConvNeXt, EfficientNet, RegNet, MobileNetV3, ...)")
         if weights is not None:
             load_backbone_weights(self, weights)
 
@@ -50,21 +96,68 @@ class Backbone(nn.Module):
         return self.body(image)
 
 
-def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
-    """Load a ResNet state dict strictly into ``backbone``, whichever library saved it.
+def _features(name: str, timm_name: str, output_stride: int) -> nn.Module:
+    """timm's features_only model of the last two levels at ``output_stride``, or a ValueError saying why not."""
+    try:
+        return timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=(-2, -1),
+                                 output_stride=output_stride)
+    except TypeError as error:
+        if "output_stride" not in str(error):
+            raise ValueError(f"backbone {name!r}: timm cannot build {timm_name!r} as a feature extractor: {error}") from None
+        raise ValueError(
+            f"backbone {name!r} cannot be dilated to output stride {output_stride}: timm's {timm_name!r} has no "
+            f"output_stride option ({error}), so its features would stay at their native strides and ANN's "
+            "output would be coarser than asked. Choose a backbone timm can dilate (ResNets, ConvNeXt, "
+            "EfficientNet, RegNet, MobileNetV3, ...)"
+        ) from None
+    except Exception as error:  # timm raises RuntimeError/KeyError/... by model
+        raise ValueError(f"backbone {name!r}: timm cannot build {timm_name!r} as a dilated feature extractor "
+                         f"(features_only, output stride {output_stride}): {type(error).__name__}: {error}") from None
 
-    timm and torchvision ResNets share key names (their ``fc`` classifier is ignored).
-    OpenMMLab checkpoints (mmpretrain / mmcv ResNetV1c, or a whole mmseg model) are told
-    apart by their keys: with ``backbone.*`` keys only those are read (the rest is heads),
-    and the deep stem's ``stem.*`` keys are renamed to timm's.
+
+def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
+    """Load a state dict of the whole timm model strictly into ``backbone``'s feature extractor.
+
+    The file holds the keys of timm's model (``timm.create_model(NAME).state_dict()``); the
+    classifier and any other part the feature extractor drops (e.g. a head conv) are ignored,
+    every other key must be there with its shape, and no key may be foreign. ResNets also load
+    from torchvision (same key names) and OpenMMLab (mmpretrain / mmcv ResNetV1c, or a whole
+    mmseg model): with ``backbone.*`` keys only those are read, and the deep stem's ``stem.*``
+    keys are renamed to timm's.
     """
     state = read_state_dict(path, "backbone weights")
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    state = openmmlab_resnet_to_timm({k: v for k, v in state.items() if not k.startswith("fc.")})
-    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.name!r}",
-                 hint=f"Pass a ResNet state dict from timm ({backbone.name!r}), torchvision or OpenMMLab "
-                      "whose stem and depth match the backbone.")
+    if backbone.name in RESNETS:
+        state = openmmlab_resnet_to_timm(state)
+    to_model, ignored = _timm_key_names(backbone)
+    state = {to_model.get(k, k): v for k, v in state.items() if k not in ignored}
+    to_timm = {ours: theirs for theirs, ours in to_model.items()}
+    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.timm_name!r}",
+                 hint=f"Pass a state dict of timm's {backbone.timm_name!r}"
+                      + (", torchvision or OpenMMLab whose stem and depth match the backbone." if backbone.name in RESNETS else "."),
+                 names=lambda key: to_timm.get(key, key))
+
+
+def _timm_key_names(backbone: Backbone) -> tuple[dict[str, str], set[str]]:
+    """(timm model key -> feature extractor key, the timm model's keys the extractor drops).
+
+    The whole model is built on the meta device (no memory, no initialisation) to read its
+    key names. timm's feature extractors keep the model's names, except that a top-level
+    Sequential's children are lifted into the extractor (``stages.0`` becomes ``stages_0``).
+    """
+    with torch.device("meta"):
+        whole = timm.create_model(backbone.timm_name, pretrained=False)
+    ours = {key.replace(".", "_"): key for key in backbone.body.state_dict()}
+    to_model = {theirs: ours[theirs.replace(".", "_")] for theirs in whole.state_dict() if theirs.replace(".", "_") in ours}
+    if len(to_model) != len(ours):  # a feature extractor that renames otherwise (none of the dilatable ones)
+        raise ValueError(f"backbone {backbone.name!r}: annseg cannot match the keys of timm's {backbone.timm_name!r} "
+                         "feature extractor to the model's state dict, so it cannot load weights for it")
+    ignored = set(whole.state_dict()) - set(to_model)
+    classifier = whole.pretrained_cfg.get("classifier") or ()
+    for prefix in (classifier,) if isinstance(classifier, str) else classifier:  # any class count, or none
+        ignored |= {k for k in whole.state_dict() if k.startswith(f"{prefix}.")}
+    return to_model, ignored
 
 
 # OpenMMLab's deep stem is one Sequential: conv, BN, ReLU three times. timm keeps the first

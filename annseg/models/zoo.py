@@ -7,25 +7,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from annseg.models.ann import ANN, VARIANTS
+import timm
 
-# Our name -> timm backbone. Plain names use mmseg's ResNetV1c deep stem (timm 'c'), the
-# 's' names the authors' deep-base stem, 'v1b' (mmseg's name) torchvision's plain 7x7 stem,
-# so that torchvision ImageNet weights have a home; ResNet-18 keeps the plain stem.
-BACKBONES = {
-    "resnet18": "resnet18",
-    "resnet50": "resnet50c",
-    "resnet50s": "resnet50s",
-    "resnet50v1b": "resnet50",
-    "resnet101": "resnet101c",
-    "resnet101s": "resnet101s",
-    "resnet101v1b": "resnet101",
-}
+from annseg.models.ann import ANN, VARIANTS
+from annseg.models.backbones import RESNETS, TIMM_PREFIX
+
+# Zoo names are ``{variant}_{backbone}``: every variant on each of annseg's ResNets (the
+# paper's backbones, names in backbones.RESNETS), and the full ANN on a few timm CNNs that
+# timm dilates to stride 8, named without the ``timm:`` of their backbone spelling.
+TIMM_MODELS = ("convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100", "regnety_008")
 MODELS: dict[str, Callable[..., ANN]] = {
-    f"{variant}_{name}": partial(ANN, backbone=timm_name, variant=variant)
-    for variant in VARIANTS
-    for name, timm_name in BACKBONES.items()
-}
+    f"{variant}_{name}": partial(ANN, backbone=name, variant=variant) for variant in VARIANTS for name in RESNETS
+} | {f"ann_{name}": partial(ANN, backbone=TIMM_PREFIX + name, variant="ann") for name in TIMM_MODELS}
 # The options under which an ANN computes mmsegmentation's ANNHead + FCNHead (docs/method.md,
 # "Where the authors' code and mmsegmentation differ"): no conv bias before BN, dropout 0.1
 # (our blocks end with it, where mmseg drops after AFNB and before the classifier), a
@@ -36,17 +29,29 @@ _OPTIONS = set(inspect.signature(ANN).parameters) - {"num_classes", "backbone_we
 
 
 def list_models() -> list[str]:
-    """Names accepted by ``create_model``, sorted."""
+    """The named models of ``create_model``, sorted (it also takes ``{variant}_timm:NAME``)."""
     return sorted(MODELS)
 
 
 def create_model(
     name: str, num_classes: int = 19, backbone_weights: str | Path | None = None, **options: Any
 ) -> ANN:
-    """Build a named model; ``options`` are ANN's keyword arguments (e.g. ``sizes=(1, 3)``)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    """Build a named model; ``options`` are ANN's keyword arguments (e.g. ``sizes=(1, 3)``).
+
+    Besides ``list_models()``, ``{variant}_timm:NAME`` (``ann_timm:convnext_small``) puts a
+    variant on any timm backbone: the name a config's ``{variant}_{backbone}`` spells.
+    """
+    variant, _, backbone = name.partition("_")
+    if name in MODELS:
+        build = MODELS[name]
+    elif variant in VARIANTS and backbone.startswith(TIMM_PREFIX):
+        build = partial(ANN, backbone=backbone, variant=variant)
+    else:
+        bare = variant in VARIANTS and timm.is_model(backbone)  # a timm name without its timm: (convnext_atto)
+        hint = f"; for timm's {backbone!r} write '{variant}_{TIMM_PREFIX}{backbone}'" if bare else ""
+        raise ValueError(f"unknown model {name!r}{hint}; choose from {sorted(MODELS)}, or {{variant}}_timm:NAME for any "
+                         f"timm backbone (e.g. 'ann_timm:convnext_small'), variant one of {list(VARIANTS)}")
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {name!r}; valid options: {sorted(_OPTIONS)}")
-    return MODELS[name](num_classes=num_classes, backbone_weights=backbone_weights, **options)
+    return build(num_classes=num_classes, backbone_weights=backbone_weights, **options)

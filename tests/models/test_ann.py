@@ -15,7 +15,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_zoo_names():
     names = list_models()
     for required in ("ann_resnet101", "ann_resnet50", "ann_resnet18", "ann_resnet101s",
-                     "fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101"):
+                     "fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101",
+                     "ann_convnext_tiny", "ann_efficientnet_b0", "ann_mobilenetv3_large_100", "ann_regnety_008"):
         assert required in names
     assert annseg.list_models() == names
 
@@ -97,7 +98,7 @@ def test_unknown_name_option_and_variant_are_clear_errors():
         ANN(3, backbone="resnet18", variant="psp")
     with pytest.raises(ValueError, match="num_classes"):
         create_model("ann_resnet18", num_classes=0)
-    with pytest.raises(ValueError, match="backbone 'resnet999' cannot be built"):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet999'"):
         ANN(3, backbone="resnet999")
 
 
@@ -140,3 +141,13 @@ def test_fuse_for_inference_keeps_the_output(variant):
         torch.testing.assert_close(model(image), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="eval"):
         create_model("ann_resnet18", num_classes=3).train().fuse_for_inference()
+
+
+def test_readme_states_the_timm_named_models_parameter_counts():
+    from annseg.models.zoo import TIMM_MODELS
+
+    for name in TIMM_MODELS:
+        with torch.device("meta"):  # shapes only
+            model = create_model(f"ann_{name}", num_classes=19)
+        row = f"| `ann_{name}` | `timm:{name}` | {sum(p.numel() for p in model.parameters()):,} |"
+        assert row in README.read_text(), row

@@ -125,3 +125,126 @@ def test_stem_mismatch_lists_the_keys(tmp_path):
     path = _save(tmp_path / "tv50.pth", torchvision.models.resnet50(weights=None).state_dict())
     with pytest.raises(ValueError, match=r"tv50.pth does not match timm 'resnet50c'.*missing keys: conv1\.0\.weight"):
         create_model("fcn_resnet50", backbone_weights=path)
+
+
+# ---- any timm CNN as the backbone -------------------------------------------------------
+from annseg.losses import ANNLoss  # noqa: E402
+from annseg.models import ANN, Backbone, resolve_backbone  # noqa: E402
+from annseg.models.zoo import TIMM_MODELS  # noqa: E402
+
+TINY = dict(head_channels=16, key_channels=8, value_channels=8, aux_channels=16)
+
+
+# Forward and backward of each named model: tests/models/test_ann.py::test_every_model_trains_and_evaluates.
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_named_timm_model_is_built_on_the_backbones_channels(name):
+    with torch.device("meta"):  # shapes only
+        model = create_model(f"ann_{name}", num_classes=3)
+    assert model.backbone.name == f"timm:{name}" and model.backbone.strides == (8, 8)
+    low, high = model.backbone.channels  # AFNB and the auxiliary head take what the backbone gives
+    assert (model.afnb.key.conv.in_channels, model.afnb.query.conv.in_channels) == (low, high)
+    assert model.aux_head[0][0].in_channels == low and model.context[0].in_channels == high
+
+
+@pytest.mark.parametrize("name", ["resnet50", *(f"timm:{n}" for n in TIMM_MODELS)])
+def test_output_stride_8_and_16_feature_sizes(name):
+    image = torch.empty(1, 3, 128, 192, device="meta")  # shapes only: a meta-device pass costs nothing
+    for stride in (8, 16):
+        with torch.device("meta"):
+            backbone = Backbone(name, output_stride=stride)
+        assert backbone.strides == (stride, stride)
+        sizes = [tuple(f.shape[1:]) for f in backbone(image)]
+        assert sizes == [(c, 128 // stride, 192 // stride) for c in backbone.channels], (name, stride)
+
+
+def test_output_stride_is_an_ann_option():
+    model = create_model("ann_resnet18", num_classes=2, output_stride=16, **TINY).eval()
+    assert model.backbone.strides == (16, 16)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 45, 61)).shape == (1, 2, 45, 61)
+    with pytest.raises(ValueError, match="output_stride must be one of \\(8, 16\\).*got 32"):
+        ANN(2, backbone="resnet18", output_stride=32)
+
+
+def test_one_spelling_one_network():
+    assert resolve_backbone("resnet50") == "resnet50c"  # annseg's name: mmseg's deep stem, everywhere
+    assert resolve_backbone("resnet50v1b") == "resnet50"
+    assert resolve_backbone("timm:resnet50") == "resnet50"  # timm's own name, written as such
+    assert ANN(2, backbone="resnet50", variant="fcn").backbone.body.conv1[0].out_channels == 32
+    with torch.device("meta"):  # annseg's resnet50s has the authors' ceil-mode max-pool; timm's own has not
+        assert Backbone("resnet50s").body.maxpool.ceil_mode and not Backbone("timm:resnet50s").body.maxpool.ceil_mode
+    assert create_model("fcn_resnet50", num_classes=2).backbone.timm_name == "resnet50c"
+    # any variant on any timm backbone, as a config's {variant}_{backbone} spells it
+    assert create_model("fcn_timm:convnext_atto", num_classes=2).backbone.timm_name == "convnext_atto"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("timm:not_a_model", r"unknown backbone 'timm:not_a_model': timm .* has no model 'not_a_model'"),
+    ("timm:convnext_tiniest", r"did you mean timm:convnext_tiny"),
+    ("convnext_tiny", r"unknown backbone 'convnext_tiny'; annseg's backbones are .*write 'timm:convnext_tiny'"),
+    ("resnet50c", r"write 'timm:resnet50c' \(annseg's 'resnet50' is that network\)"),
+    ("resnet999", r"unknown backbone 'resnet999'; annseg's backbones are \['resnet101', "),
+])
+def test_unknown_backbone_says_how_to_spell_it(name, message):
+    with pytest.raises(ValueError, match=message):
+        ANN(3, backbone=name)
+
+
+def test_unknown_model_names_the_timm_form():
+    with pytest.raises(ValueError, match=r"unknown model 'fcn_convnext_tiny'; for timm's 'convnext_tiny' write "
+                                         r"'fcn_timm:convnext_tiny'; choose from .*\{variant\}_timm:NAME"):
+        create_model("fcn_convnext_tiny")
+    with pytest.raises(ValueError, match="unknown backbone 'timm:not_a_model'"):
+        create_model("ann_timm:not_a_model")
+
+
+def test_a_backbone_timm_cannot_dilate_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"backbone 'timm:swin_tiny_patch4_window7_224' cannot be dilated to output "
+                                         r"stride 8: timm's 'swin_tiny_patch4_window7_224' has no output_stride option"):
+        ANN(3, backbone="timm:swin_tiny_patch4_window7_224")
+
+
+def test_the_network_checks_the_backbones_channels(monkeypatch):
+    class OneLevel(Backbone):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.channels, self.strides = self.channels[1:], self.strides[1:]
+
+    monkeypatch.setattr("annseg.models.ann.Backbone", OneLevel)
+    with pytest.raises(ValueError, match=r"ANN needs two feature levels \(low, high\) at output stride 8; backbone "
+                                         r"'resnet18' gives channels \(512,\) at strides \(8,\)"):
+        ANN(3, backbone="resnet18")
+
+
+def _randomised(state: dict) -> dict:
+    return {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+
+
+# convnext's feature extractor renames its keys (stages.0 -> stages_0); mobilenetv3's drops a head conv
+@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv3_small_050"])
+def test_timm_state_dict_loads_strictly_into_a_timm_backbone(tmp_path, name):
+    state = _randomised(timm.create_model(name, pretrained=False).state_dict())
+    path = _save(tmp_path / f"{name}.pth", state)
+    model = ANN(3, backbone=f"timm:{name}", backbone_weights=path, **TINY)
+    body = model.backbone.body.state_dict()
+    loaded = {k.replace(".", "_"): v for k, v in body.items()}
+    used = {k: v for k, v in state.items() if k.replace(".", "_") in loaded}
+    assert len(used) == len(body)  # every weight of the extractor came from the file
+    for key, value in used.items():
+        assert torch.equal(loaded[key.replace(".", "_")], value), key
+    headless = {k: v for k, v in state.items() if not k.startswith(("head.fc.", "classifier."))}
+    ANN(3, backbone=f"timm:{name}", backbone_weights=_save(tmp_path / "headless.pth", headless), **TINY)
+
+
+def test_timm_backbone_weights_of_another_model_are_refused(tmp_path):
+    femto = _save(tmp_path / "femto.pth", timm.create_model("convnext_femto", pretrained=False).state_dict())
+    with pytest.raises(ValueError, match=r"femto.pth does not match timm 'convnext_atto': .*shape mismatches: "
+                                         r"stem.0.weight: file \(48, 3, 4, 4\) vs model \(40, 3, 4, 4\)"):
+        ANN(3, backbone="timm:convnext_atto", backbone_weights=femto)
+    state = timm.create_model("convnext_atto", pretrained=False).state_dict()
+    extra = _save(tmp_path / "extra.pth", state | {"stages.3.blocks.9.gamma": torch.zeros(320)})
+    with pytest.raises(ValueError, match=r"1 unexpected keys: stages.3.blocks.9.gamma"):
+        ANN(3, backbone="timm:convnext_atto", backbone_weights=extra)
+    del state["stages.1.blocks.0.conv_dw.weight"]
+    with pytest.raises(ValueError, match=r"1 missing keys: stages.1.blocks.0.conv_dw.weight"):
+        ANN(3, backbone="timm:convnext_atto", backbone_weights=_save(tmp_path / "missing.pth", state))
