@@ -51,6 +51,19 @@ def _number(cell: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+Panel = tuple[str, dict[str, list[tuple[float, float]]], bool]
+
+
+def curve_panels(series: dict[str, list[tuple[float, float]]]) -> list[Panel]:
+    """(title, {line name: points}, is an IoU) for each panel the log has values for: loss, lr,
+    mIoU, then one panel with a line per class for the per-class IoU columns."""
+    classes = {m["name"]: column for column in series if (m := CLASS_IOU.match(column))}
+    panels = [(title, {title: series[column]}, iou) for column, title, iou in PANELS if column in series]
+    if classes:
+        panels.append(("val IoU per class", {name: series[column] for name, column in classes.items()}, True))
+    return panels
+
+
 def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
     """Draw ``run_dir``'s curves as a PNG (default ``run_dir/curves.png``); returns its path.
 
@@ -59,10 +72,7 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
     """
     csv_path = Path(run_dir) / "logs" / "metrics.csv"
     x_column, series = read_metrics(csv_path)
-    classes = {m["name"]: column for column in series if (m := CLASS_IOU.match(column))}
-    panels = [(title, {title: series[column]}, iou) for column, title, iou in PANELS if column in series]
-    if classes:
-        panels.append(("val IoU per class", {name: series[column] for name, column in classes.items()}, True))
+    panels = curve_panels(series)
     if not panels:
         wanted = ", ".join(column for column, _, _ in PANELS)
         raise ValueError(f"{csv_path} holds no values of {wanted} or per-class IoU yet; plot once the run has logged")
