@@ -175,15 +175,34 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
 
     predict = commands.add_parser(
         "predict", help="label PNGs and colour overlays for images or folders",
-        description="Writes <out>/<name>.png (class ids, with the class colours as palette) and "
-        "<out>/<name>_overlay.jpg, or with --format cityscapes the official Cityscapes label ids that the "
-        "benchmark server expects.")
+        description="Writes <out>/<name>.png (class ids, with the class colours as palette) and the overlay "
+        "<out>/<name>_overlay.png, or with --format cityscapes the official Cityscapes label ids that the "
+        "benchmark server expects (no overlays). Outputs mirror the inputs' tree: a single folder's images keep "
+        "their paths relative to it (photos/2024/x.jpg -> <out>/2024/x.png); any other inputs keep theirs "
+        "relative to the deepest folder holding them all (a/x.png b/x.png x.jpg -> <out>/a/x.png, <out>/b/x.png, "
+        "<out>/x.png). Two inputs that would still write the same file (x.png and x.jpg of one folder, or "
+        "x_overlay.png beside x.png) are an error before anything is written. Overlays are PNGs upscaled "
+        "(nearest-neighbour) to a short side of at least 256 px, with a legend of the classes present; class 0 "
+        "named like a background (background, bg, void, unlabeled, other) is left uncoloured.")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
     _add_inference_arguments(predict)
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (predictions)")
     predict.add_argument("--format", choices=("color", "cityscapes"), default="color",
                          help="color: palette PNG + overlay; cityscapes: label-id PNGs for the test server")
+    predict.add_argument("--overlay", choices=("blend", "panels", "none"), default=None,
+                         help="the picture beside each label PNG: blend = the classes mixed 50%% into the photo "
+                              "(default), panels = image | prediction side by side, none = no picture; "
+                              "--format cityscapes writes none")
     predict.set_defaults(run=_cmd_predict)
+
+    plot = commands.add_parser(
+        "plot", help="training curves of a run as a PNG (loss, lr, val mIoU, per-class IoU)",
+        description="Reads RUN_DIR/logs/metrics.csv and draws the training loss, the learning rate, the val mIoU "
+        "and, when the log has columns such as val/IoU/<class>, each class's IoU against the logged step. "
+        "Needs matplotlib: pip install \"annseg[plot]\".")
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder written by annseg train / demo")
+    plot.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/curves.png)")
+    plot.set_defaults(run=_cmd_plot)
 
     convert = commands.add_parser(
         "convert", help="a published checkpoint (mmsegmentation's, the authors') as an annseg checkpoint",
@@ -486,11 +505,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from annseg.data import read_image
-    from annseg.engine.predict import find_images, overlay
+    from annseg.engine.predict import plan_outputs
     from annseg.engine.segmenter import Segmenter
+    from annseg.viz import overlay_picture, panels_picture
 
     check_out_folder(args.out)
-    images = find_images(args.inputs)
+    if args.format == "cityscapes" and args.overlay not in (None, "none"):
+        raise ValueError(f"--format cityscapes writes label ids only (the test server reads every PNG); drop "
+                         f"--overlay {args.overlay}")
+    kind = args.overlay or ("none" if args.format == "cityscapes" else "blend")
+    plan = plan_outputs(args.inputs, args.out, overlays=kind != "none")
     model, meta, config, device = _inference_setup(args)
     segmenter = Segmenter.from_meta(model, meta, config.eval).to(device)
     if args.format == "cityscapes":
@@ -499,18 +523,29 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if segmenter.num_classes != 19:
             raise ValueError(f"--format cityscapes needs a 19-class Cityscapes model; {args.checkpoint} "
                              f"has {segmenter.num_classes} classes")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in _progress(images, "predict", "img"):
-        image = read_image(path)
+    for item in _progress(plan, "predict", "img"):
+        image = read_image(item.source)
         labels = segmenter.predict(image)
+        item.labels.parent.mkdir(parents=True, exist_ok=True)
         if args.format == "cityscapes":
             from PIL import Image
 
-            Image.fromarray(cityscapes_label_ids(labels).astype("uint8")).save(args.out / f"{path.stem}.png")
-        else:
-            segmenter.colorize(labels).save(args.out / f"{path.stem}.png")
-            overlay(image.permute(1, 2, 0).numpy(), labels, segmenter.palette).save(args.out / f"{path.stem}_overlay.jpg")
-    print(f"wrote {len(images)} prediction(s) to {args.out}")
+            Image.fromarray(cityscapes_label_ids(labels).astype("uint8")).save(item.labels)
+            continue
+        segmenter.colorize(labels).save(item.labels)
+        rgb = image.permute(1, 2, 0).numpy()
+        if kind == "blend":
+            overlay_picture(rgb, labels, segmenter.classes, segmenter.palette).save(item.overlay)
+        elif kind == "panels":
+            panels_picture(rgb, [("prediction", labels)], segmenter.classes, segmenter.palette).save(item.overlay)
+    overlays = "" if kind == "none" else f" and {kind} overlays"
+    print(f"wrote {len(plan)} label PNG(s){overlays} to {args.out}")
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    from annseg.viz.curves import plot_curves
+
+    print(f"wrote {plot_curves(args.run_dir, args.out)}")
 
 
 class _Names:
@@ -643,7 +678,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from annseg.engine.builders import build_dataset
     from annseg.engine.checkpoint import load_model
     from annseg.data.transforms import Normalization
-    from annseg.engine.predict import comparison_sheet, predict_labels
+    from annseg.engine.predict import predict_labels
+    from annseg.viz import panels_picture
 
     overrides = list(args.overrides) + ([f"model.variant={args.variant}"] if args.variant else [])
     config = load_config(args.config, overrides)
@@ -661,7 +697,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         item = raw[index]
         labels = predict_labels(model, item["image"], len(meta["classes"]), normalization, config.eval).numpy()
         truth = item["mask"].numpy()
-        sheet = comparison_sheet(item["image"].permute(1, 2, 0).numpy(), truth, labels, meta["palette"])
+        sheet = panels_picture(item["image"].permute(1, 2, 0).numpy(), [("ground truth", truth), ("prediction", labels)],
+                               meta["classes"], meta["palette"])
         sheet.save(out / "overlays" / f"{item['name']}.png")
     scores = json.loads((out / "metrics.json").read_text())
     import torch

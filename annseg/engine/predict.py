@@ -1,8 +1,10 @@
-"""Label maps for image files, written as palette PNGs, colour overlays or Cityscapes label ids."""
+"""Label maps for image files: where each output goes (checked before writing), inference, palette PNGs."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +20,83 @@ from annseg.engine.inference import infer_with
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) in the folders named."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
+def folder_images(folder: Path) -> list[Path]:
+    """The image files below ``folder``, recursively, sorted.
+
+    The one walk of an input folder: a shared walk of annseg.data (symlinks, loops, skipped
+    files named) plugs in here.
+    """
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(image file, its path relative to the output folder) for the files named and those found in
+    the folders named.
+
+    Outputs mirror the inputs' tree: one folder's images keep their paths relative to it; any
+    other inputs keep theirs relative to the deepest folder holding them all (for files of one
+    folder: that folder; for ``a/x.png b/x.png x.jpg``: ``a/x``, ``b/x``, ``x``). A file named twice
+    (directly or through a folder) is read once.
+    """
+    items = [Path(item) for item in inputs]
+    for item in items:
+        if not item.exists():
+            raise FileNotFoundError(f"input {item} does not exist")
+    if len(items) == 1 and items[0].is_dir():
+        base = Path(os.path.abspath(items[0]))
+    else:
+        base = Path(os.path.commonpath([Path(os.path.abspath(item)).parent for item in items]))
+    found: list[tuple[Path, Path]] = []
+    seen: set[str] = set()
+    for item in items:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = folder_images(item)
             if not files:
                 raise FileNotFoundError(f"folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            found += files
-        elif item.is_file():
-            found.append(item)
         else:
-            raise FileNotFoundError(f"input {item} does not exist")
+            files = [item]
+        for file in files:
+            if (real := os.path.realpath(file)) not in seen:
+                seen.add(real)
+                found.append((file, Path(os.path.abspath(file)).relative_to(base)))
     return found
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One input image and every file predict writes for it."""
+
+    source: Path
+    labels: Path
+    overlay: Path | None
+
+
+def plan_outputs(inputs: Sequence[str | Path], out: Path, overlays: bool) -> list[PlannedImage]:
+    """Where each image's label PNG (``<out>/<relative path>.png``) and overlay
+    (``<out>/<relative path>_overlay.png``) go, checked before anything is written.
+
+    Raises ValueError naming both inputs when two of them would write the same file (``x.png``
+    and ``x.jpg`` of one folder; ``x_overlay.png`` beside ``x.png``), or naming the input a file
+    would overwrite (an ``--out`` inside the inputs).
+    """
+    plan: list[PlannedImage] = []
+    writers: dict[str, Path] = {}
+    images = find_images(inputs)
+    sources = {os.path.realpath(file): file for file, _ in images}
+    for file, relative in images:
+        stem = relative.parent / relative.stem
+        item = PlannedImage(file, out / f"{stem}.png", out / f"{stem}_overlay.png" if overlays else None)
+        for target in filter(None, (item.labels, item.overlay)):
+            real = os.path.realpath(target)
+            if real in writers:
+                raise ValueError(f"inputs {writers[real]} and {file} would both write {target}; rename one, or "
+                                 "predict them in separate runs with different --out folders")
+            if real in sources:
+                raise ValueError(f"predicting {file} would overwrite the input {sources[real]} with {target}; "
+                                 "choose an --out folder outside the inputs")
+            writers[real] = file
+        plan.append(item)
+    return plan
 
 
 def predict_labels(
@@ -72,18 +137,3 @@ def palette_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.I
     flat = [value for colour in palette for value in colour]
     image.putpalette(flat + [0] * (768 - len(flat)))
     return image
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> Image.Image:
-    """``image`` (H, W, 3) uint8 blended with the class colours of ``labels`` (H, W)."""
-    colours = np.asarray(palette, dtype=np.float32)[labels]
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
-
-
-def comparison_sheet(
-    image: np.ndarray, truth: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]]
-) -> Image.Image:
-    """image | ground truth | prediction side by side; ignored truth pixels are black."""
-    colours = np.concatenate([np.asarray(palette, np.uint8), np.zeros((256 - len(palette), 3), np.uint8)])
-    return Image.fromarray(np.concatenate([image, colours[truth], colours[labels]], axis=1))

@@ -83,7 +83,7 @@ def test_predict_folder_of_gray_rgba_and_16bit_images(trained: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     labels = Image.open(out / "gray.png")
     assert labels.mode == "P" and labels.size == (50, 30) and np.asarray(labels).max() < 4
-    assert Image.open(out / "rgba_overlay.jpg").size == (70, 20)
+    assert Image.open(out / "rgba_overlay.png").size == (70 * 13, 20 * 13 + 32)  # upscaled, a one-row legend
     assert Image.open(out / "deep.png").size == (40, 25)
 
 
@@ -132,8 +132,8 @@ def test_cityscapes_tree_trains_and_predicts_label_ids(tmp_path: Path) -> None:
     proc = run("predict", str(images), "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--format", "cityscapes",
                "--out", str(tmp_path / "submit"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    written = sorted(p.name for p in (tmp_path / "submit").iterdir())
-    assert written == [f"aachen_00000{i}_000019_leftImg8bit.png" for i in range(2)]
+    written = sorted(p.relative_to(tmp_path / "submit").as_posix() for p in (tmp_path / "submit").rglob("*.png"))
+    assert written == [f"aachen/aachen_00000{i}_000019_leftImg8bit.png" for i in range(2)]  # no overlays
     ids = np.asarray(Image.open(tmp_path / "submit" / written[0]))
     assert ids.shape == (32, 48) and set(np.unique(ids)) <= set(CITYSCAPES_TRAIN_TO_LABEL_ID)
 
@@ -144,7 +144,8 @@ def test_demo_trains_evaluates_and_renders(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fcn_resnet18 on the built-in dataset, 4 iterations" in proc.stdout and "| object_blue" in proc.stdout
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["val_00000.png", "val_00001.png"]
-    assert Image.open(out / "overlays" / "val_00000.png").size == (3 * 48, 32)
+    # image | ground truth | prediction, 32x48 upscaled 8x, 6 px borders, a title band and a legend
+    assert Image.open(out / "overlays" / "val_00000.png").size == (3 * 384 + 2 * 6, 28 + 256 + 32)
     assert json.loads((out / "metrics.json").read_text())["train_seconds"] > 0
 
 
