@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -40,6 +41,99 @@ def _positive(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive int")
     return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 0")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0, e.g. 0.75 1.0 1.25")
+    return value
+
+
+def _out_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output path is empty; name a folder or file")
+    return Path(text)
+
+
+def _devices(text: str) -> int | list[int] | str:
+    """Lightning's devices: ``auto``, a count (``2``) or device indices (``0,1``); not 0 or -1."""
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            indices = [int(part) for part in text.split(",") if part.strip()]
+            if not indices or min(indices) < 0 or len(set(indices)) < len(indices):
+                raise ValueError
+            return indices
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, a number of devices >= 1 (e.g. 2) or distinct "
+                                         "device indices (e.g. 0,1)")
+
+
+def _opset(text: str) -> int:
+    from annseg.engine.export import validate_opset
+
+    try:
+        opset = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int")
+    try:
+        validate_opset(opset)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return opset
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
+
+
+def _check_hardware(accelerator: str, devices: int | list[int] | str) -> None:
+    """Refuse, before Lightning does with a traceback, hardware this machine does not have."""
+    import importlib.util
+
+    import torch
+
+    counts = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    counts["gpu"] = counts["cuda"] or counts["mps"]
+    kind = accelerator
+    if accelerator == "auto":
+        kind = "cuda" if counts["cuda"] else "mps" if counts["mps"] else "cpu"
+    if kind == "tpu":
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ValueError("--accelerator tpu needs torch_xla, which is not installed; use --accelerator auto")
+        return
+    if kind == "cpu":
+        if isinstance(devices, list):
+            raise ValueError(f"--devices {','.join(map(str, devices))}: device indices need a GPU and this run uses "
+                             "the CPU; give a number of processes (e.g. --devices 2) or --accelerator gpu")
+        return
+    have = counts[kind]
+    if have == 0:
+        raise ValueError(f"--accelerator {accelerator}: torch sees no {kind} device on this machine; use "
+                         "--accelerator cpu or auto")
+    if isinstance(devices, int) and devices > have:
+        raise ValueError(f"--devices {devices}: this machine has {have} {kind} device(s)")
+    if isinstance(devices, list) and max(devices) >= have:
+        raise ValueError(f"--devices {','.join(map(str, devices))}: device index {max(devices)} does not exist; "
+                         f"this machine has {have} {kind} device(s), 0 to {have - 1}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +220,7 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a value of the checkpoint's config, e.g. --set data.root=/data/cityscapes "
                              "or --set eval.mode=slide")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode (config: eval.mode)")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="test scales (config: eval.scales)")
+    parser.add_argument("--scales", type=_scale, nargs="+", default=None, help="test scales (config: eval.scales)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="add horizontally flipped views (config: eval.flip)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -139,12 +233,14 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "final validation scores go to --out. Several GPUs or nodes: --devices N (and --num-nodes), or launch "
         "with torchrun / srun, which Lightning detects.")
     _add_config_arguments(train)
-    train.add_argument("--out", type=Path, default=None,
+    train.add_argument("--out", type=_out_path, default=None,
                        help="run folder (default: runs/<config name>, runs/default without --config)")
     train.add_argument("--resume", default=None, metavar="CKPT|latest",
                        help="continue from a checkpoint; 'latest' = <out>/checkpoints/last.ckpt")
-    train.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (Lightning's names)")
-    train.add_argument("--devices", default="auto", help="devices per node: a number or auto")
+    train.add_argument("--accelerator", default="auto", choices=ACCELERATORS,
+                       help="auto (default), cpu, gpu, cuda, mps or tpu (Lightning's names)")
+    train.add_argument("--devices", type=_devices, default="auto",
+                       help="devices per node: auto (default), a number (e.g. 2) or GPU indices (e.g. 0,1)")
     train.add_argument("--num-nodes", type=_positive, default=1)
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.set_defaults(run=_cmd_train)
@@ -155,7 +251,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "sliding-window and multi-scale + flip inference; writes the scores as JSON.")
     _add_inference_arguments(evaluate)
     evaluate.add_argument("--split", default=None, help="dataset split (default: the config's data.val_split)")
-    evaluate.add_argument("--out", type=Path, default=None,
+    evaluate.add_argument("--out", type=_out_path, default=None,
                           help="scores JSON (default: <run folder>/eval-<split>.json, the run folder being the one "
                                "that holds checkpoints/)")
     evaluate.set_defaults(run=_cmd_eval)
@@ -167,7 +263,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "benchmark server expects.")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
     _add_inference_arguments(predict)
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (predictions)")
+    predict.add_argument("--out", type=_out_path, default=Path("predictions"), help="output folder (predictions)")
     predict.add_argument("--format", choices=("color", "cityscapes"), default="color",
                          help="color: palette PNG + overlay; cityscapes: label-id PNGs for the test server")
     predict.set_defaults(run=_cmd_predict)
@@ -180,7 +276,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("format", choices=_Names(_converter_names), metavar="FORMAT",
                          help="who wrote CKPT: %(choices)s")
     convert.add_argument("checkpoint", type=Path, metavar="CKPT", help="the published checkpoint (.pth)")
-    convert.add_argument("out", type=Path, metavar="OUT", help="the annseg checkpoint to write")
+    convert.add_argument("out", type=_out_path, metavar="OUT", help="the annseg checkpoint to write")
     convert.add_argument("--dataset", choices=_Names(_dataset_names), default=None, metavar="NAME",
                          help="the dataset it was trained on (%(choices)s), for class names and the eval config "
                               "(default: the checkpoint's own names, else the dataset its class count suggests)")
@@ -197,7 +293,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "largest absolute difference. Needs pip install \"annseg[onnx]\".")
     onnx.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
                       help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
-    onnx.add_argument("--out", type=Path, default=None,
+    onnx.add_argument("--out", type=_out_path, default=None,
                       help="ONNX file (default: <run folder>/model.onnx, the run folder being the one that holds "
                            "checkpoints/)")
     onnx.add_argument("--height", type=_positive, default=None, help="input height (default: the config's "
@@ -205,7 +301,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     onnx.add_argument("--width", type=_positive, default=None, help="input width (default: data.crop_size)")
     onnx.add_argument("--dynamic", action="store_true",
                       help="batch, height and width free at run time (default: fixed 1 x 3 x H x W)")
-    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
+    onnx.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
     onnx.set_defaults(run=_cmd_export_onnx)
 
     demo = commands.add_parser(
@@ -215,8 +311,8 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     _add_config_arguments(demo)
     demo.add_argument("--variant", choices=("fcn", "nb", "apnb", "afnb", "ann"), default=None,
                       help="network variant (default: the config's model.variant, ann)")
-    demo.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<variant>)")
-    demo.add_argument("--overlays", type=int, default=6, help="validation images to render (6)")
+    demo.add_argument("--out", type=_out_path, default=None, help="run folder (default: runs/demo-<variant>)")
+    demo.add_argument("--overlays", type=_non_negative, default=6, help="validation images to render (6)")
     demo.set_defaults(run=_cmd_demo)
 
 
@@ -232,10 +328,10 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def _add_run_options(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--repeats", type=_positive, default=None,
                         help="timed runs per case (20 on a GPU, the paper's protocol; 5 on the CPU; 3 with --quick)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
+    parser.add_argument("--warmup", type=_non_negative, default=1, help="untimed runs before timing (1)")
     parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--out", type=Path, default=Path(out), help=f"folder for results.json and results.md ({out})")
+    parser.add_argument("--out", type=_out_path, default=Path(out), help=f"folder for results.json and results.md ({out})")
 
 
 def _device(args: argparse.Namespace) -> "torch.device":
@@ -346,9 +442,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         return
     _quiet_lightning()
     out = _run_folder(args)
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    _check_hardware(args.accelerator, args.devices)
     scores = fit(config, out, resume=args.resume, progress=_refresh_rate(),
-                 hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
+                 hardware=Hardware(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes))
     if scores.get("world_size", 1) > 1:
         print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
     if scores.get("rank", 0) == 0:
