@@ -40,6 +40,7 @@ SIDE = 2**15  # pixels per image side: beyond it one image alone outgrows any ma
 BATCH = 2**16  # images or windows per batch
 CHANNELS = 2**16  # feature channels of a layer
 STEPS = 10**9  # iterations (and intervals): a billion keeps every count the sampler makes an int64
+ITEMS = 10**12  # dataset items: more than any dataset holds, and a length Python's len() can give
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,6 @@ def checked(default: Any = dataclasses.MISSING, check: Range | dict[str, Range] 
 
 
 POSITIVE = Range(0, low_open=True)  # a finite number > 0
-FINITE = Range()
 UNIT = Range(0, 1, high_open=True)  # a fraction in [0, 1)
 NON_EMPTY = Range(items=1)
 SIDES = Range(1, SIDE)
@@ -115,16 +115,17 @@ class DataConfig:
     root: str | None = checked(None, NON_EMPTY)  # dataset folder; not used by the built-in dataset
     train_split: str = checked("train", NON_EMPTY)
     val_split: str = checked("val", NON_EMPTY)
-    train_length: int | None = checked(None, Range(1))  # built-in: items generated; files: the first N
-    val_length: int | None = checked(None, Range(1))
+    train_length: int | None = checked(None, Range(1, ITEMS))  # built-in: items generated; files: the first N
+    val_length: int | None = checked(None, Range(1, ITEMS))
     size: tuple[int, int] = checked((64, 96), SIDES)  # built-in dataset's image size (H, W)
     crop_size: tuple[int, int] = checked((64, 96), SIDES)
     scale: tuple[float, float] = checked((1.0, 1.0), Range(0, 16, low_open=True))  # (low, high) factors
     aspect: tuple[float, float] = checked((1.0, 1.0), Range(0, 16, low_open=True))
     flip: bool = True
     brightness: float = checked(0.1, Range(0, 1))  # ColorJitter: factor drawn in [1 - b, 1 + b]
-    mean: tuple[float, float, float] = checked((0.485, 0.456, 0.406), FINITE)
-    std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), POSITIVE)
+    # of RGB in [0, 1]: mmsegmentation's 0-255 values (123.675, ...) are these times 255
+    mean: tuple[float, float, float] = checked((0.485, 0.456, 0.406), Range(0, 1))
+    std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), Range(0, 1, low_open=True))
     batch_size: int = checked(8, Range(1, BATCH))  # per device
     val_batch_size: int = checked(8, Range(1, BATCH))
     num_workers: int = checked(0, Range(0, 256))
@@ -289,10 +290,11 @@ def _fixed_class_count(dataset: str) -> int | None:
         from annseg.data.synthetic import Synthetic
 
         return len(Synthetic.classes)
+    if dataset == "folder":
+        return None
     from annseg.data import DATASETS
 
-    classes = getattr(DATASETS[dataset], "classes", None)
-    return len(classes) if isinstance(classes, (tuple, list)) else None
+    return len(DATASETS[dataset].classes)
 
 
 def _plain(value: Any) -> Any:
@@ -426,7 +428,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
         except UnicodeDecodeError as error:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+            line = error.object[: error.start].count(b"\n") + 1
+            raise ConfigError(f"config file {path} is not UTF-8 text (line {line}, byte {error.start}); "
+                              "save it as UTF-8") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
         if loaded is not None:
