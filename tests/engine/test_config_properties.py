@@ -38,11 +38,12 @@ def _keys() -> dict[str, tuple[type, Any, Any]]:
     keys = {}
     defaults = Config()
     for section in dataclasses.fields(Config):
-        hints = typing.get_type_hints(section.type if isinstance(section.type, type) else type(getattr(defaults, section.name)))
-        for item in dataclasses.fields(getattr(defaults, section.name)):
+        values = getattr(defaults, section.name)
+        hints = typing.get_type_hints(type(values))
+        for item in dataclasses.fields(values):
             kind = _numeric(hints[item.name])
             if kind is not None:
-                keys[f"{section.name}.{item.name}"] = (kind, hints[item.name], getattr(getattr(defaults, section.name), item.name))
+                keys[f"{section.name}.{item.name}"] = (kind, hints[item.name], getattr(values, item.name))
     for name, annotation in option_types().items():
         kind = _numeric(annotation)
         if kind is not None:
@@ -86,7 +87,7 @@ def _yaml(value: Any) -> str:
 
 def _placed(key: str, value: Any) -> Any:
     """The value as the key takes it: every item of a tuple, or only the first one."""
-    kind, annotation, default = KEYS[key]
+    _, annotation, default = KEYS[key]
     if typing.get_origin(annotation) is not tuple and not any(
             typing.get_origin(arg) is tuple for arg in typing.get_args(annotation)):
         return value
@@ -155,8 +156,8 @@ VALUES = st.one_of(st.sampled_from(SPECIAL), st.floats(allow_nan=True, allow_inf
 def test_numeric_keys_load_sensibly_or_name_the_key(tmp_path: Path, key: str, value: Any, via: str,
                                                     first_only: bool) -> None:
     placed = _placed(key, value)
-    if first_only and isinstance(placed, list):
-        kind, annotation, default = KEYS[key]
+    if first_only and isinstance(placed, list):  # one bad item among good ones
+        default = KEYS[key][2]
         placed[1:] = list(default)[1:] if default else [1] * (len(placed) - 1)
     try:
         config = _load(key, placed, via, tmp_path)
