@@ -88,20 +88,6 @@ def _devices(text: str) -> int | list[int] | str:
                                          "device indices (e.g. 0,1)")
 
 
-def _opset(text: str) -> int:
-    from annseg.engine.export import validate_opset
-
-    try:
-        opset = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int")
-    try:
-        validate_opset(opset)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-    return opset
-
-
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 
 
@@ -301,7 +287,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     onnx.add_argument("--width", type=_positive, default=None, help="input width (default: data.crop_size)")
     onnx.add_argument("--dynamic", action="store_true",
                       help="batch, height and width free at run time (default: fixed 1 x 3 x H x W)")
-    onnx.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 23 (default 18, the exporter's own)")
     onnx.set_defaults(run=_cmd_export_onnx)
 
     demo = commands.add_parser(
@@ -577,11 +563,11 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from annseg.engine.export import check_onnx, export_onnx, require_onnx, validate_opset
     from annseg.engine.segmenter import Segmenter
 
+    validate_opset(args.opset)  # a wrong flag first, before what the machine lacks
     try:
         require_onnx()
     except ImportError as error:
         raise SystemExit(f"annseg: error: {error}")
-    validate_opset(args.opset)
     _require_default_checkpoint(args.checkpoint)
     network, meta = load_model(args.checkpoint)
     segmenter = Segmenter.from_meta(network, meta)
