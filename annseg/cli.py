@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import re
 import shlex
 import sys
@@ -36,14 +37,93 @@ def _anchor_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _positive(text: str) -> int:
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low``, else an error naming the value."""
+    what = "a positive int" if low == 1 else f"an int >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+            if value < low:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+
+def _scale(text: str) -> float:
     try:
-        value = int(text)
-        if value < 1:
+        value = float(text)
+        if not (math.isfinite(value) and value > 0):
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0, e.g. 0.75 1.0 1.25")
     return value
+
+
+def _out_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output path is empty; name a folder or file")
+    return Path(text)
+
+
+def _devices(text: str) -> int | list[int] | str:
+    """Lightning's devices: ``auto``, a count (``2``) or device indices (``0,1``); not 0 or -1."""
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            indices = [int(part) for part in text.split(",") if part.strip()]
+            if not indices or min(indices) < 0 or len(set(indices)) < len(indices):
+                raise ValueError
+            return indices
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, a number of devices >= 1 (e.g. 2) or distinct "
+                                         "device indices (e.g. 0,1)")
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
+
+
+def _check_hardware(accelerator: str, devices: int | list[int] | str) -> None:
+    """Refuse, before Lightning does with a traceback, hardware this machine does not have."""
+    import importlib.util
+
+    import torch
+
+    counts = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    counts["gpu"] = counts["cuda"] or counts["mps"]
+    kind = accelerator
+    if accelerator == "auto":
+        kind = "cuda" if counts["cuda"] else "mps" if counts["mps"] else "cpu"
+    if kind == "tpu":
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ValueError("--accelerator tpu needs torch_xla, which is not installed; use --accelerator auto")
+        return
+    if kind == "cpu":
+        if isinstance(devices, list):
+            raise ValueError(f"--devices {','.join(map(str, devices))}: device indices need a GPU and this run uses "
+                             "the CPU; give a number of processes (e.g. --devices 2) or --accelerator gpu")
+        return
+    have = counts[kind]
+    if have == 0:
+        raise ValueError(f"--accelerator {accelerator}: torch sees no {kind} device on this machine; use "
+                         "--accelerator cpu or auto")
+    if isinstance(devices, int) and devices > have:
+        raise ValueError(f"--devices {devices}: this machine has {have} {kind} device(s)")
+    if isinstance(devices, list) and max(devices) >= have:
+        raise ValueError(f"--devices {','.join(map(str, devices))}: device index {max(devices)} does not exist; "
+                         f"this machine has {have} {kind} device(s), 0 to {have - 1}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +216,7 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a value of the checkpoint's config, e.g. --set data.root=/data/cityscapes "
                              "or --set eval.mode=slide")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode (config: eval.mode)")
-    parser.add_argument("--scales", type=float, nargs="+", default=None, help="test scales (config: eval.scales)")
+    parser.add_argument("--scales", type=_scale, nargs="+", default=None, help="test scales (config: eval.scales)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="add horizontally flipped views (config: eval.flip)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -149,15 +229,17 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "final validation scores go to --out. Several GPUs or nodes: --devices N (and --num-nodes), or launch "
         "with torchrun / srun, which Lightning detects.")
     _add_config_arguments(train)
-    train.add_argument("--out", type=Path, default=None,
+    train.add_argument("--out", type=_out_path, default=None,
                        help="run folder (default: runs/<config name>, e.g. runs/cityscapes; runs/default without "
                             "--config)")
     train.add_argument("--resume", default=None, metavar="CKPT|latest",
                        help="continue from a checkpoint; 'latest' = the newest whole checkpoint in "
                             "<out>/checkpoints (last.ckpt or iter_*.ckpt, damaged ones skipped), or iteration 0 "
                             "when there is none")
-    train.add_argument("--accelerator", default="auto", help="auto, cpu, gpu (Lightning's names)")
-    train.add_argument("--devices", default="auto", help="devices per node: a number or auto")
+    train.add_argument("--accelerator", default="auto", choices=ACCELERATORS,
+                       help="auto (default), cpu, gpu, cuda, mps or tpu (Lightning's names)")
+    train.add_argument("--devices", type=_devices, default="auto",
+                       help="devices per node: auto (default), a number (e.g. 2) or GPU indices (e.g. 0,1)")
     train.add_argument("--num-nodes", type=_positive, default=1)
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     train.set_defaults(run=_cmd_train)
@@ -168,7 +250,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "sliding-window and multi-scale + flip inference; writes the scores as JSON.")
     _add_inference_arguments(evaluate)
     evaluate.add_argument("--split", default=None, help="dataset split (default: the config's data.val_split)")
-    evaluate.add_argument("--out", type=Path, default=None,
+    evaluate.add_argument("--out", type=_out_path, default=None,
                           help="scores JSON (default: <run folder>/eval-<split>.json, the run folder being the one "
                                "that holds checkpoints/)")
     evaluate.set_defaults(run=_cmd_eval)
@@ -186,7 +268,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "named like a background (background, bg, void, unlabeled, other) is left uncoloured.")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
     _add_inference_arguments(predict)
-    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (predictions)")
+    predict.add_argument("--out", type=_out_path, default=Path("predictions"), help="output folder (predictions)")
     predict.add_argument("--format", choices=("color", "cityscapes"), default="color",
                          help="color: palette PNG + overlay; cityscapes: label-id PNGs for the test server")
     predict.add_argument("--overlay", choices=("blend", "panels", "none"), default=None,
@@ -212,7 +294,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("format", choices=_Names(_converter_names), metavar="FORMAT",
                          help="who wrote CKPT: %(choices)s")
     convert.add_argument("checkpoint", type=Path, metavar="CKPT", help="the published checkpoint (.pth)")
-    convert.add_argument("out", type=Path, metavar="OUT", help="the annseg checkpoint to write")
+    convert.add_argument("out", type=_out_path, metavar="OUT", help="the annseg checkpoint to write")
     convert.add_argument("--dataset", choices=_Names(_dataset_names), default=None, metavar="NAME",
                          help="the dataset it was trained on (%(choices)s), for class names and the eval config "
                               "(default: the checkpoint's own names, else the dataset its class count suggests)")
@@ -229,7 +311,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "largest absolute difference. Needs pip install \"annseg[onnx]\".")
     onnx.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
                       help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
-    onnx.add_argument("--out", type=Path, default=None,
+    onnx.add_argument("--out", type=_out_path, default=None,
                       help="ONNX file (default: <run folder>/model.onnx, the run folder being the one that holds "
                            "checkpoints/)")
     onnx.add_argument("--height", type=_positive, default=None, help="input height (default: the config's "
@@ -258,8 +340,8 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     _add_config_arguments(demo)
     demo.add_argument("--variant", choices=("fcn", "nb", "apnb", "afnb", "ann"), default=None,
                       help="network variant (default: the config's model.variant, ann)")
-    demo.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<variant>)")
-    demo.add_argument("--overlays", type=int, default=6, help="validation images to render (6)")
+    demo.add_argument("--out", type=_out_path, default=None, help="run folder (default: runs/demo-<variant>)")
+    demo.add_argument("--overlays", type=_non_negative, default=6, help="validation images to render (6)")
     demo.set_defaults(run=_cmd_demo)
 
 
@@ -290,10 +372,10 @@ def _cmd_configs(args: argparse.Namespace) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser, out: str, repeats: str) -> None:
     parser.add_argument("--repeats", type=_positive, default=None, help=f"timed runs per case ({repeats})")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
+    parser.add_argument("--warmup", type=_non_negative, default=1, help="untimed runs before timing (1)")
     parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--out", type=Path, default=Path(out), help=f"folder for results.json and results.md ({out})")
+    parser.add_argument("--out", type=_out_path, default=Path(out), help=f"folder for results.json and results.md ({out})")
 
 
 def _device(args: argparse.Namespace) -> "torch.device":
@@ -447,10 +529,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         return
     out = _run_folder(args)
     check_out_folder(out)
+    _check_hardware(args.accelerator, args.devices)
     _quiet_lightning()
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     scores = fit(config, out, resume=args.resume, progress=_training_progress(),
-                 hardware=Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes))
+                 hardware=Hardware(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes))
     if scores.get("world_size", 1) > 1:
         print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
     if scores.get("rank", 0) == 0:
@@ -618,11 +700,11 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from annseg.engine.export import check_onnx, export_onnx, require_onnx, validate_opset
     from annseg.engine.segmenter import Segmenter
 
+    validate_opset(args.opset)  # a wrong flag first, before what the machine lacks
     try:
         require_onnx()
     except ImportError as error:
         raise SystemExit(f"annseg: error: {error}")
-    validate_opset(args.opset)
     folder = args.checkpoint.parent
     out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.onnx"
     check_out_file(out)

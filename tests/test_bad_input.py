@@ -167,3 +167,52 @@ def test_truncated_input_to_predict_names_it(suffix: str, checkpoint: Path, tmp_
     truncate(image)
     message = one_line_error(["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")])
     assert f"photo{suffix}: cannot read image" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.max_iters=0"], "train.max_iters: 0 is out of range; expected an int in [1, 1000000000]"),
+        (["train.lr=.nan"], "train.lr: nan is out of range; expected a finite number > 0"),
+        (["train.val_every=0"], "train.val_every: 0 is out of range"),
+        (["data.crop_size=[8, 8]", "data.batch_size=1"], "data.crop_size: [8, 8] with data.batch_size 1 leaves BatchNorm"),
+        (["eval.stride=[64, 64]", "eval.crop_size=[32, 32]"], "eval.stride[0]: 64 is larger than eval.crop_size[0] 32"),
+        (["model.options={dropout: 1.5}"], "model.options.dropout: 1.5 is out of range; expected a finite number in [0, 1)"),
+    ],
+)
+def test_bad_config_value_stops_train_before_it_starts(overrides: list[str], expected: str, tmp_path: Path) -> None:
+    """Before: 0 iterations exited 0 (or a ZeroDivisionError), nan trained nothing, BatchNorm raised without a key."""
+    message = one_line_error(["train", *tiny_cli_args(*overrides), "--out", str(tmp_path / "run")])
+    assert expected in message, message
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_python_style_numbers_reach_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n", encoding="utf-8")
+    main(["train", "--config", str(path), "--set", "train.momentum=.95", "--print-config"])
+    printed = capsys.readouterr().out
+    assert "lr: 0.001\n" in printed and "weight_decay: 0.0005\n" in printed and "momentum: 0.95\n" in printed
+
+
+def test_config_that_is_not_utf8_or_is_a_directory_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# réglages\ntrain:\n  lr: 0.01\n".encode("latin-1"))
+    message = one_line_error(["train", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert message == f"annseg: error: config file {path} is not UTF-8 text (line 1, byte 3); save it as UTF-8"
+    message = one_line_error(["train", "--config", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert message.startswith(f"annseg: error: config file {tmp_path} is a directory; expected a YAML file or a packaged config name (")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "eval.stride=[0, 16]"], r"eval.stride\[0\]: 0 is out of range; expected an int in \[1, 32768\]"),
+        (["--set", "eval.batch_size=0"], r"eval.batch_size: 0 is out of range"),
+        (["--mode", "slide", "--set", "eval.crop_size=[8, 8]"], r"eval.stride\[0\]: 16 is larger than eval.crop_size\[0\] 8"),
+        (["--scales", "1", "17"], r"eval.scales\[1\]: 17.0 is out of range; expected a finite number in \(0, 16\]"),
+    ],
+)
+def test_bad_eval_setting_is_one_line_naming_the_key(args: list[str], expected: str, checkpoint: Path) -> None:
+    message = one_line_error(["eval", "--checkpoint", str(checkpoint), *args])
+    assert re.search(expected, message), message

@@ -56,6 +56,22 @@ def test_bench_model_writes_results_with_parts(tmp_path):
     (["bench", "blocks", "--device", "cuda:x"], "--device"),
     (["bench", "readme", "--readme", "/nonexistent/README.md"], "does not exist"),
     (["bench", "model", "--models", "ann_resnet7"], "unknown model"),
+    (["bench", "blocks", "--warmup", "-1"], "argument --warmup: '-1' is not an int >= 0"),
+    (["bench", "blocks", "--repeats", "0"], "argument --repeats: '0' is not a positive int"),
+    (["bench", "blocks", "--out", ""], "argument --out: the output path is empty"),
+    (["train", "--devices", "0"], "argument --devices: '0' is not auto, a number of devices >= 1"),
+    (["train", "--devices", "-1"], "argument --devices: '-1' is not auto"),
+    (["train", "--devices", "two"], "argument --devices: 'two' is not auto"),
+    (["train", "--devices", "0,0"], "argument --devices: '0,0' is not auto"),
+    (["train", "--accelerator", "gpus"], "argument --accelerator: invalid choice: 'gpus'"),
+    (["train", "--num-nodes", "0"], "argument --num-nodes: '0' is not a positive int"),
+    (["train", "--out", " "], "argument --out: the output path is empty"),
+    (["eval", "--scales", "1", "nan"], "argument --scales: 'nan' is not a finite number > 0"),
+    (["eval", "--scales", "-0.5"], "argument --scales: '-0.5' is not a finite number > 0"),
+    (["predict", "x.png", "--scales", "inf"], "argument --scales: 'inf' is not a finite number > 0"),
+    (["predict", "x.png", "--out", ""], "argument --out: the output path is empty"),
+    (["export", "onnx", "--opset", "x"], "argument --opset: invalid int value: 'x'"),
+    (["demo", "--overlays", "-1"], "argument --overlays: '-1' is not an int >= 0"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -74,3 +90,40 @@ def test_models_lists_every_named_model_with_its_parameter_count():
     assert sorted(counts) == list_models()
     for name in ("ann_resnet18", "ann_mobilenetv3_large_100"):
         assert counts[name] == sum(p.numel() for p in create_model(name, num_classes=5).parameters()), name
+
+
+def test_devices_are_parsed_as_lightning_takes_them():
+    from annseg.cli import build_parser
+
+    def devices(*flag):
+        return build_parser().parse_args(["train", *flag]).devices
+
+    assert devices() == "auto" and devices("--devices", "2") == 2 and devices("--devices", "0,1") == [0, 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--accelerator", "cuda"], "--accelerator cuda: torch sees no cuda device on this machine; use --accelerator cpu"),
+    (["--accelerator", "gpu", "--devices", "1"], "--accelerator gpu: torch sees no gpu device"),
+    (["--devices", "0,1"], "--devices 0,1: device indices need a GPU and this run uses the CPU"),
+])
+def test_hardware_this_machine_lacks_is_refused_before_lightning(args, message, tmp_path, monkeypatch):
+    """Lightning raises a MisconfigurationException traceback for these; annseg names the flag."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a machine without a GPU, wherever this runs
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *args, "--out", str(tmp_path / "run"), "--set", "train.max_iters=1"])
+    assert str(exit_info.value).startswith("annseg: error: ") and message in str(exit_info.value)
+    assert "\n" not in str(exit_info.value) and not (tmp_path / "run").exists()
+
+
+def test_more_gpus_than_the_machine_has_is_refused(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for devices, message in (("4", "--devices 4: this machine has 2 cuda device(s)"),
+                             ("0,2", "--devices 0,2: device index 2 does not exist; this machine has 2 cuda device(s), 0 to 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--accelerator", "cuda", "--devices", devices, "--out", str(tmp_path / "run")])
+        assert str(exit_info.value) == f"annseg: error: {message}"

@@ -46,9 +46,8 @@ class Synthetic(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} of the built-in dataset; choose from {list(SPLITS)}")
+        check_size(size)
         height, width = size
-        if height < 32 or width < 1.5 * height:
-            raise ValueError(f"size {size} is too small: need height >= 32 and width >= 1.5 x height")
         if length is not None and length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
         self.split, self.size, self.seed = split, (height, width), seed
@@ -100,3 +99,10 @@ class Synthetic(Dataset):
             image[shape] = rng.uniform(200, 240) + rng.normal(0, 6, (int(shape.sum()), 3))
             mask[shape] = 2 if red else 3
         return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def check_size(size: tuple[int, int]) -> None:
+    """The layout needs room: beacon and objects side by side (also checked when a config loads)."""
+    height, width = size
+    if height < 32 or width < 1.5 * height:
+        raise ValueError(f"size {list(size)} is too small: need height >= 32 and width >= 1.5 x height")

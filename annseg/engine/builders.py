@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Callable
 
 from torch.utils.data import Dataset, Subset
 
 from annseg.data.synthetic import Synthetic
 from annseg.data.transforms import Normalization, eval_transforms, train_transforms
-from annseg.engine.config import Config, ConfigError, DataConfig, ModelConfig, convert
+from annseg.engine.config import Config, ConfigError, DataConfig, ModelConfig, check_options
 from annseg.models.ann import ANN
 from annseg.models.zoo import create_model
 
@@ -51,22 +50,12 @@ def build_val_dataset(config: Config, split: str | None = None) -> Dataset:
     return build_dataset(data, split or data.val_split, eval_transforms(normalization(data)), data.val_length)
 
 
-_OPTION_TYPES = {
-    name: hint for name, hint in typing.get_type_hints(ANN.__init__).items()
-    if name not in ("num_classes", "backbone", "backbone_weights", "variant", "return")
-}  # the ANN keywords a config's model.options may set; the rest come from the config itself
-
-
 def build_model(model: ModelConfig, num_classes: int, load_backbone_weights: bool = True) -> ANN:
-    """``create_model(f"{variant}_{backbone}")`` with the config's options, type-checked.
+    """``create_model(f"{variant}_{backbone}")`` with the config's options, typed and range-checked.
 
     ``load_backbone_weights=False`` skips the ImageNet file (the weights come from a
     checkpoint next anyway, and the file may not exist on the machine that evaluates).
     """
-    options = {}
-    for key, value in model.options.items():
-        if key not in _OPTION_TYPES:
-            raise ConfigError(f"unknown model option model.options.{key}; valid options: {sorted(_OPTION_TYPES)}")
-        options[key] = convert(value, _OPTION_TYPES[key], f"model.options.{key}")
+    options = check_options(model.options)  # a ModelConfig built in code is checked as a loaded one
     weights = model.backbone_weights if load_backbone_weights else None
     return create_model(model.name, num_classes=num_classes, backbone_weights=weights, **options)
