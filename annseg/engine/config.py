@@ -88,6 +88,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True
     skip_nonfinite: int = 0  # iterations with a NaN/inf loss or gradient to skip before stopping
+    init_from: str | None = None  # fine-tuning: start at iteration 0 from this annseg checkpoint's network weights
 
 
 @dataclass
