@@ -99,6 +99,7 @@ class SegmentationModule(L.LightningModule):
         self.val_scores: dict | None = None
         self.log_validation = True  # False: scores only, for a validation whose row is already logged
         self._restored_rng: dict | None = None
+        self._count_logged_steps = False  # set on restore: see on_train_batch_start
         self.skip_nonfinite = skip_nonfinite
         self.skipped_iterations: list[int] = []  # saved in checkpoints: the budget survives a resume
         self._loss_finite: Tensor | None = None  # over the micro-batches of this optimiser step
@@ -191,6 +192,18 @@ class SegmentationModule(L.LightningModule):
         # Applied when training starts: Lightning's own set-up after loading must not shift it.
         self._restored_rng = checkpoint.get("rng")
         self.skipped_iterations = list(checkpoint.get("skipped_iterations", []))
+        self._count_logged_steps = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._count_logged_steps:
+            return
+        # Lightning adds one to its count of optimiser steps (the step of each logged row) when
+        # it restores a checkpoint, since one written during training predates the count's
+        # update; one written after training (last.ckpt of a finished run, resumed with a longer
+        # max_iters) is counted already, and its rows would be logged one step late. At the
+        # first batch the count is the number of steps taken, whichever checkpoint it was.
+        self._count_logged_steps = False
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def on_train_start(self) -> None:
         self._apply_schedule()

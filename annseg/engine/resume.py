@@ -70,10 +70,11 @@ def check_same_run(saved: Config, config: Config, source: str, what: str = "--re
     old, new = _values(saved), _values(config)
     for key in keys or config_keys():
         if _rule(key) == MUST and old[key] != new[key]:
+            was, now = show_value(old[key]), show_value(new[key])
             raise ConfigError(
-                f"{what}: {key} is {show_value(old[key])} in {source} but {show_value(new[key])} in this run's config, and "
-                f"{advice}; set it back (--set {key}={show_value(old[key])}), or start a new run in another --out "
-                "(with --set train.init_from=CHECKPOINT to start from a checkpoint's weights)")
+                f"{what}: {key} is {was} in {source} but {now} in this run's config, and {advice}; set it back "
+                f"(--set {key}={was}), or start a new run in another --out (with --set train.init_from=CHECKPOINT "
+                "to start from a checkpoint's weights)")
 
 
 def changed_settings(saved: Config, config: Config) -> list[tuple[str, Any, Any]]:

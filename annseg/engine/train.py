@@ -97,8 +97,9 @@ def _load_plain(path: Path, what: str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
+        first = str(error).splitlines()[0]
         raise ValueError(f"{what}: checkpoint {path} holds more than plain data (tensors, numbers, strings), which "
-                         f"could run code when loaded, so annseg does not load it ({str(error).splitlines()[0]})") from None
+                         f"could run code when loaded, so annseg does not load it ({first})") from None
     except Exception as error:  # torch raises several types for truncated / foreign files
         raise ValueError(f"{what}: checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
 

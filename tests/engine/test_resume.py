@@ -103,14 +103,15 @@ def test_a_validation_killed_after_the_last_checkpoint_is_repeated_once(
 
 @pytest.mark.parametrize(("setting", "how", "message"), [
     ("train.seed=1", "latest", r"--resume latest: train.seed is 0 in .*config.yaml but 1 in this run's config"),
-    ("data.crop_size=[32, 32]", "path", r"--resume: data.crop_size is \[32, 48\] in checkpoint .*iter_000002.ckpt but "
-                                        r"\[32, 32\] in this run's config, and a resumed run must keep it; set it back"),
+    ("data.crop_size=[32, 32]", "path", r"--resume: data.crop_size is \[32, 48\] in checkpoint .*iter_000002.ckpt "
+                                        r"but \[32, 32\] in this run's config, and a resumed run must keep it; set it"),
     ("train.ohem=true", "path", r"--resume: train.ohem is false in checkpoint .* but true"),
 ])
 def test_a_must_match_change_is_refused_naming_the_key(run: Path, tmp_path: Path, setting: str, how: str,
                                                        message: str) -> None:
     before = sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "config.yaml").read_text()
-    out, resume = (run, "latest") if how == "latest" else (tmp_path / "new", str(run / "checkpoints" / "iter_000002.ckpt"))
+    named = str(run / "checkpoints" / "iter_000002.ckpt")
+    out, resume = (run, "latest") if how == "latest" else (tmp_path / "new", named)
     with pytest.raises(SystemExit, match=f"^annseg: error: {message}"):
         train(out, setting, resume=resume)
     assert (sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "config.yaml").read_text()) == before
@@ -148,8 +149,9 @@ def test_init_from_starts_at_iteration_0_from_the_checkpoint_weights(
     with caplog.at_level(logging.INFO, logger="annseg"):  # lr 1e-6: the weights stay where they started
         train(tmp_path / "run", f"train.init_from={source}", "train.lr=0.000001", "train.max_iters=1",
               "train.checkpoint_every=1", "train.val_every=1")
+    end = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert f"starting at iteration 0 from the network weights of {source}" in caplog.text
-    start, end = _parameters(read_checkpoint(source)["state_dict"]), read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    start = _parameters(read_checkpoint(source)["state_dict"])
     assert end["global_step"] == 1 and start.keys() == _parameters(end["state_dict"]).keys()
     far = [k for k in start if not torch.allclose(start[k], end["state_dict"][k], atol=1e-4)]
     assert not far, far[:5]
