@@ -236,6 +236,7 @@ class TrainConfig:
     seed: int = checked(0, Range(0, 2**32 - 1))  # numpy's seed range
     deterministic: bool = True
     skip_nonfinite: int = checked(0, Range(0, STEPS))  # iterations with a NaN/inf loss or gradient to skip
+    init_from: str | None = checked(None, NON_EMPTY)  # fine-tuning: start at iteration 0 from this checkpoint's weights
 
     def validate(self, prefix: str) -> None:
         """Class weights that are all zero would train on nothing."""

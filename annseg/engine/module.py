@@ -97,7 +97,9 @@ class SegmentationModule(L.LightningModule):
         self.meta = meta or {}
         self.val_metrics = SegmentationMetrics(len(self.class_names), loss.ignore_index)
         self.val_scores: dict | None = None
+        self.log_validation = True  # False: scores only, for a validation whose row is already logged
         self._restored_rng: dict | None = None
+        self._count_logged_steps = False  # set on restore: see on_train_batch_start
         self.skip_nonfinite = skip_nonfinite
         self.skipped_iterations: list[int] = []  # saved in checkpoints: the budget survives a resume
         self._loss_finite: Tensor | None = None  # over the micro-batches of this optimiser step
@@ -158,6 +160,8 @@ class SegmentationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.val_scores = self.val_metrics.compute_scores(self.class_names)
         self.val_metrics.reset()
+        if not self.log_validation:
+            return
         self.log("val/mIoU", self.val_scores["mIoU"], prog_bar=True, sync_dist=False)
         self.log("val/aAcc", self.val_scores["aAcc"], sync_dist=False)
 
@@ -188,8 +192,21 @@ class SegmentationModule(L.LightningModule):
         # Applied when training starts: Lightning's own set-up after loading must not shift it.
         self._restored_rng = checkpoint.get("rng")
         self.skipped_iterations = list(checkpoint.get("skipped_iterations", []))
+        self._count_logged_steps = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._count_logged_steps:
+            return
+        # Lightning adds one to its count of optimiser steps (the step of each logged row) when
+        # it restores a checkpoint, since one written during training predates the count's
+        # update; one written after training (last.ckpt of a finished run, resumed with a longer
+        # max_iters) is counted already, and its rows would be logged one step late. At the
+        # first batch the count is the number of steps taken, whichever checkpoint it was.
+        self._count_logged_steps = False
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def on_train_start(self) -> None:
+        self._apply_schedule()
         if self._restored_rng is None:
             return
         state, self._restored_rng = self._restored_rng, None
@@ -198,3 +215,21 @@ class SegmentationModule(L.LightningModule):
             torch.cuda.set_rng_state_all(state["cuda"])
         np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
         random.setstate(state["python"])
+
+    def _apply_schedule(self) -> None:
+        """This run's lr, max_iters, power, momentum and weight decay, from the current iteration on.
+
+        A restored optimiser and scheduler carry the settings of the run that saved them; a
+        resumed run with changed settings uses its own: lr = lr * (1 - i / max_iters) ** power
+        at iteration i. Unchanged settings give the restored values bit for bit (the same
+        expression as ``LambdaLR``), and a fresh run is at i = 0, where nothing changes.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            assert isinstance(scheduler, PolyLR), "configure_optimizers makes one PolyLR"
+            scheduler.max_iters, scheduler.power = self.max_iters, self.power
+            scheduler.base_lrs = [self.lr for _ in scheduler.base_lrs]
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group.update(initial_lr=base_lr, lr=base_lr * scheduler._factor(scheduler.last_epoch),
+                             momentum=self.momentum, weight_decay=self.weight_decay)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from annseg.engine.checkpoint import (
     AtomicCheckpointIO,
     atomic_file,
     latest_checkpoint,
+    load_model,
     model_meta,
     read_checkpoint,
     remove_partial_writes,
 )
-from annseg.engine.config import Config, ConfigError, dump_config
+from annseg.engine.config import Config, ConfigError, TrainConfig, config_from_dict, dump_config, load_config
+from annseg.engine.resume import RESUME_RULES, changed_settings, check_same_run, show_value
 from annseg.engine.datamodule import SegmentationDataModule
 from annseg.engine.module import SegmentationModule
 from annseg.losses import ANNLoss
@@ -51,8 +54,15 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     A named checkpoint that is truncated or corrupt is an error naming it. ``latest`` skips
     such files (logging why) and falls back to the previous good checkpoint; with no
     checkpoint there yet it starts at iteration 0, so a re-queued job can always pass it.
+    A run folder is never mixed with another run: without ``--resume`` an ``--out`` that holds
+    checkpoints is refused, and so is a checkpoint from elsewhere resumed into such an ``--out``.
     """
+    folder = out_dir / "checkpoints"
+    held = _run_checkpoints(folder)
     if resume is None:
+        if held:
+            raise ValueError(f"{out_dir} already holds a run ({held.relative_to(out_dir)}); pass --resume latest to "
+                             "continue it or choose another --out")
         return None
     if resume != "latest":
         path = Path(resume)
@@ -60,8 +70,10 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
             read_checkpoint(path)
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"--resume: {error}") from None
+        if held and path.resolve().parent != folder.resolve():
+            raise ValueError(f"--resume {path}: {out_dir} already holds another run ({held}); continue that run with "
+                             f"--resume latest, or resume {path} into another --out")
         return path
-    folder = out_dir / "checkpoints"
     path, skipped = latest_checkpoint(folder)
     for reason in skipped:
         log.warning("--resume latest: skipping %s", reason)
@@ -75,19 +87,74 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     return path
 
 
-def check_resumable(path: Path, config: Config, classes: list[str]) -> int:
-    """The checkpoint at ``path`` must hold this run's network and classes (a clear error, not a
-    size-mismatch traceback from ``load_state_dict``); returns the iteration it was saved at."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+def _run_checkpoints(folder: Path) -> Path | None:
+    """A checkpoint of the run in ``folder`` (``last.ckpt`` first), or None when it holds none."""
+    held = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name)) if folder.is_dir() else []
+    return held[0] if held else None
+
+
+def _load_plain(path: Path, what: str) -> dict[str, Any]:
+    """The checkpoint at ``path``, memory-mapped and loaded as plain data only (no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).splitlines()[0]
+        raise ValueError(f"{what}: checkpoint {path} holds more than plain data (tensors, numbers, strings), which "
+                         f"could run code when loaded, so annseg does not load it ({first})") from None
+    except Exception as error:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"{what}: checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
+
+
+def _saved_config(meta: dict[str, Any], path: Path, what: str) -> Config:
+    try:
+        return config_from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as error:
+        raise ValueError(f"{what}: checkpoint {path} holds a config this annseg cannot read: {error}") from None
+
+
+def check_resumable(path: Path, config: Config, classes: list[str]) -> dict[str, Any]:
+    """The checkpoint at ``path`` (memory-mapped), checked to continue this run.
+
+    It must hold a training state (not weights alone), this run's must-match settings
+    (``annseg.engine.resume``) and classes: a clear error, not a size-mismatch traceback from
+    ``load_state_dict`` or a silent mix of two runs. Each changed may-change setting is logged.
+    """
+    checkpoint = _load_plain(path, "--resume")
+    if "global_step" not in checkpoint:
+        raise ValueError(f"--resume: {path} holds network weights only (no iteration, optimiser or lr schedule to "
+                         f"continue); to start a new run from these weights, use --set train.init_from={path}")
     meta = checkpoint["annseg"]
-    saved = meta["config"]["model"]
-    if saved != _plain_model(config):
-        raise ConfigError(f"--resume: checkpoint {path} holds model {saved}, but this run's config builds "
-                          f"{_plain_model(config)}; resume with the checkpoint's model settings")
+    saved = _saved_config(meta, path, "--resume")
+    check_same_run(saved, config, f"checkpoint {path}")
+    if list(meta["classes"]) != list(classes):
+        raise ConfigError(f"--resume: checkpoint {path} was trained for classes {meta['classes']}, but dataset "
+                          f"{config.data.dataset!r} has {classes}; resume on the dataset it was trained on")
+    step = int(checkpoint["global_step"])
+    for key, old, new in changed_settings(saved, config):
+        log.info("resume: %s %s -> %s from iteration %d", key, show_value(old), show_value(new), step)
+    return checkpoint
+
+
+def init_weights(module: SegmentationModule, path: Path, config: Config) -> None:
+    """``train.init_from``: the network starts from the weights of an annseg checkpoint (training
+    or weights-only, loaded safely by ``load_model``); it must be the same network, strictly."""
+    try:
+        network, meta = load_model(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"train.init_from: {error}") from None
+    check_same_run(meta["config"], config, f"checkpoint {path}", "train.init_from",
+                   keys=[key for key in RESUME_RULES if key.startswith("model.")],
+                   advice="its weights fit only the network they were trained in")
+    classes = module.class_names
     if len(meta["classes"]) != len(classes):
-        raise ConfigError(f"--resume: checkpoint {path} was trained for {len(meta['classes'])} classes, but dataset "
-                          f"{config.data.dataset!r} has {len(classes)}; resume on the dataset it was trained on")
-    return int(checkpoint["global_step"])
+        raise ConfigError(f"train.init_from: checkpoint {path} has {len(meta['classes'])} classes {meta['classes']}, "
+                          f"but dataset {config.data.dataset!r} has {len(classes)} {classes}; start from a checkpoint "
+                          "trained for as many classes")
+    if list(meta["classes"]) != classes:
+        log.warning("train.init_from: checkpoint %s names its classes %s, this run %s; class i starts from "
+                    "the weights of the checkpoint's class i", path, meta["classes"], classes)
+    module.model.load_state_dict(network.state_dict(), strict=True)
+    log.info("train.init_from: starting at iteration 0 from the network weights of %s", path)
 
 
 class _ContinuingCSVWriter(ExperimentWriter):
@@ -97,24 +164,36 @@ class _ContinuingCSVWriter(ExperimentWriter):
         pass
 
 
-def csv_logger(out_dir: Path, resume_step: int | None) -> CSVLogger:
-    """``<out>/logs/metrics.csv``; a resumed run keeps the rows logged before its checkpoint.
+def _csv_path(out_dir: Path) -> Path:
+    return out_dir / "logs" / ExperimentWriter.NAME_METRICS_FILE
 
-    Rows from after the checkpoint are dropped (the run logs those iterations again); the
-    file is replaced whole, so a kill leaves either the old history or the trimmed one.
-    """
-    logger = CSVLogger(out_dir, name="logs", version="")
-    path = Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
-    if resume_step is None or rank_zero_only.rank != 0 or not path.is_file():
-        return logger
+
+def read_log(out_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of ``<out>/logs/metrics.csv`` (empty when there is none yet)."""
+    path = _csv_path(out_dir)
+    if not path.is_file():
+        return [], []
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
-        rows = [row for row in reader if int(row["step"]) < resume_step]
-        header = list(reader.fieldnames or [])
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def csv_logger(out_dir: Path, keep_before: int | None) -> CSVLogger:
+    """``<out>/logs/metrics.csv``; a resumed run keeps the rows logged before step ``keep_before``.
+
+    Later rows are dropped (the run logs those iterations again); the file is replaced whole,
+    so a kill leaves either the old history or the trimmed one.
+    """
+    logger = CSVLogger(out_dir, name="logs", version="")
+    path = _csv_path(out_dir)
+    if keep_before is None or rank_zero_only.rank != 0 or not path.is_file():
+        return logger
+    header, rows = read_log(out_dir)
     text = io.StringIO(newline="")
     table = csv.DictWriter(text, fieldnames=header)
     table.writeheader()
-    table.writerows(rows)
+    table.writerows(row for row in rows if int(row["step"]) < keep_before)
     write_text(path, text.getvalue())
     writer = _ContinuingCSVWriter(logger.log_dir)
     writer.metrics_keys = header
@@ -122,8 +201,23 @@ def csv_logger(out_dir: Path, resume_step: int | None) -> CSVLogger:
     return logger
 
 
-def _plain_model(config: Config) -> dict[str, Any]:
-    return config.to_dict()["model"]
+def missing_validation(rows: list[dict[str, str]], step: int, train: TrainConfig) -> int | None:
+    """The log step of the validation due right after the checkpoint at iteration ``step``, when
+    ``rows`` (metrics.csv) lack it: a kill during that validation loses its row, since the
+    checkpoint is written first. None when none was due or its row is there.
+
+    A validation during training is logged at step - 1 (Lightning counts the step after it),
+    the final one after training (when max_iters is no multiple of val_every) at step. A
+    finished run has its final validation when either row is there.
+    """
+    logged_at = step - 1 if step % train.val_every == 0 else step
+    finished = step >= train.max_iters
+    if not finished and step % train.val_every:
+        return None
+    wanted = {step - 1, step} if finished else {logged_at}
+    if any(int(row["step"]) in wanted and row.get("val/mIoU") for row in rows):
+        return None
+    return logged_at
 
 
 def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
@@ -159,24 +253,83 @@ def fit(
     ``train.checkpoint_every`` iterations and ``last.ckpt``), ``logs/`` (CSV and TensorBoard)
     and ``metrics.json``. ``progress``: refresh the progress bar every this many iterations
     (0 = no bar), or a Lightning progress bar to use (``engine.progress.LineProgressBar`` for logs).
+
+    ``resume`` continues a run (``resolve_resume``): its must-match settings are checked, a
+    changed schedule applies from the resumed iteration, a validation whose row a kill lost is
+    repeated first, and a finished run is left as it is. ``train.init_from`` starts a new run
+    from a checkpoint's network weights.
     """
     out_dir = Path(out_dir)
     for stray in remove_partial_writes(out_dir / "checkpoints"):
         log.info("removed %s, a checkpoint write that was interrupted", stray)
     ckpt_path = resolve_resume(resume, out_dir)
+    if resume == "latest" and (out_dir / "config.yaml").is_file():  # the run in --out: its own settings
+        check_same_run(load_config(out_dir / "config.yaml"), config, str(out_dir / "config.yaml"), "--resume latest")
     train = config.train
     L.seed_everything(train.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config)
     datamodule.setup("validate")  # the validation set names the classes; fit() reuses it
     module = build_module(config, datamodule.val_set)
-    resume_step = None if ckpt_path is None else check_resumable(ckpt_path, config, module.class_names)
+    checkpoint = None if ckpt_path is None else check_resumable(ckpt_path, config, module.class_names)
+    if train.init_from is not None and checkpoint is None:
+        init_weights(module, Path(train.init_from), config)
+    elif train.init_from is not None:
+        log.info("train.init_from is not used: the run continues from %s", ckpt_path)
+    step = None if checkpoint is None else int(checkpoint["global_step"])
+    finished = step is not None and step >= train.max_iters
+    pending = None if step is None else missing_validation(read_log(out_dir)[1], step, train)
+    # a finished run keeps its final validation's row (logged at its last step)
+    trainer = _trainer(config, out_dir, hardware, progress, keep_log_before=None if step is None else step + finished)
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", dump_config(config))
+    if pending is not None:
+        assert checkpoint is not None and step is not None
+        log.info("resume: the validation after iteration %d is missing from %s (the run stopped during it); "
+                 "validating again", step, _csv_path(out_dir))
+        _log_at(trainer, checkpoint, pending)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    if finished:
+        assert step is not None
+        log.info("the run in %s is already complete (iteration %d, train.max_iters %d); nothing left to train; "
+                 "raise train.max_iters to train on", out_dir, step, train.max_iters)
+        saved = None if module.val_scores is not None else _read_scores(out_dir / "metrics.json")
+        if module.val_scores is None and saved is None:  # the row is logged; metrics.json was not written
+            module.log_validation = False
+            trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    else:
+        saved = None
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
+            if trainer.interrupted:
+                raise KeyboardInterrupt(f"the checkpoints in {out_dir / 'checkpoints'} are whole; continue with "
+                                        "--resume latest") from None
+            raise
+        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+        step = trainer.global_step
+        if module.val_scores is None or step % train.val_every:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    scores = saved if saved is not None else {
+        **(module.val_scores or {}), "iterations": step, "skipped_iterations": module.skipped_iterations}
+    scores = {**scores, "rank": trainer.global_rank, "world_size": trainer.world_size}
+    if trainer.is_global_zero and saved is None:
+        write_json(out_dir / "metrics.json", scores)
+    return scores
+
+
+def _trainer(config: Config, out_dir: Path, hardware: Hardware, progress: int,
+             keep_log_before: int | None) -> L.Trainer:
+    """The Lightning Trainer of a run: one epoch of ``train.max_iters`` iterations, checkpoints
+    every ``train.checkpoint_every``, CSV and TensorBoard logs (``csv_logger``)."""
+    train = config.train
     distributed = hardware.num_nodes > 1 or (isinstance(hardware.devices, int) and hardware.devices > 1)
     on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
     checkpoints = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="iter_{step:06d}", every_n_train_steps=train.checkpoint_every,
         save_top_k=-1, save_last=True, auto_insert_metric_name=False,
     )
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=hardware.accelerator, devices=hardware.devices, num_nodes=hardware.num_nodes,
         strategy="ddp" if distributed else "auto",
         sync_batchnorm=distributed and on_gpu,  # torch's SyncBatchNorm is CUDA-only; CPU ranks keep local BN
@@ -185,29 +338,26 @@ def fit(
         check_val_every_n_epoch=None, log_every_n_steps=train.log_every, num_sanity_val_steps=0,
         deterministic="warn" if train.deterministic else False, use_distributed_sampler=False,
         callbacks=[checkpoints, *_progress_bar(progress)],
-        logger=[csv_logger(out_dir, resume_step), TensorBoardLogger(out_dir, name="logs", version="")],
+        logger=[csv_logger(out_dir, keep_log_before), TensorBoardLogger(out_dir, name="logs", version="")],
         plugins=[AtomicCheckpointIO()], default_root_dir=out_dir, enable_model_summary=False,
         enable_progress_bar=bool(progress),
     )
-    if trainer.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", dump_config(config))
+
+
+def _log_at(trainer: L.Trainer, checkpoint: dict[str, Any], step: int) -> None:
+    """Log the next validation at ``step`` and in the checkpoint's epoch, as during training."""
+    loop = trainer.fit_loop
+    loop.epoch_progress.load_state_dict(checkpoint["loops"]["fit_loop"]["epoch_progress"])
+    loop.epoch_loop._batches_that_stepped = step
+
+
+def _read_scores(path: Path) -> dict[str, Any] | None:
+    """A finished run's ``metrics.json``, or None when it is missing or unreadable."""
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"the checkpoints in {out_dir / 'checkpoints'} are whole; continue with "
-                                    "--resume latest") from None
-        raise
-    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
-    if module.val_scores is None or trainer.global_step % train.val_every:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    scores = module.val_scores or {}
-    scores = {**scores, "iterations": trainer.global_step, "skipped_iterations": module.skipped_iterations,
-              "rank": trainer.global_rank, "world_size": trainer.world_size}
-    if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", scores)
-    return scores
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return scores if isinstance(scores, dict) else None
 
 
 def _progress_bar(progress: int | ProgressBar) -> list[ProgressBar]:

@@ -3,7 +3,9 @@
 The computation is exactly the command's; only timing and markers change. Before each
 training step it creates ``MARKERS/step-N`` and pauses briefly, so that a kill lands inside a
 step; each checkpoint is written in two halves with a pause between, after creating
-``MARKERS/saving-<file>``, so that a kill can land in the middle of a checkpoint write.
+``MARKERS/saving-<file>``, so that a kill can land in the middle of a checkpoint write; before
+the K-th validation batch of the process it creates ``MARKERS/validating-K`` and pauses, so
+that a kill can land inside a validation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from annseg.engine.module import SegmentationModule
 markers = Path(sys.argv[1])
 markers.mkdir(parents=True, exist_ok=True)
 _training_step = SegmentationModule.training_step
+_validation_step = SegmentationModule.validation_step
+_validation_batches = [0]
 _save = torch.save
 
 
@@ -28,6 +32,13 @@ def training_step(self: SegmentationModule, batch: dict, batch_idx: int) -> torc
     (markers / f"step-{self.global_step + 1}").touch()
     time.sleep(0.02)
     return _training_step(self, batch, batch_idx)
+
+
+def validation_step(self: SegmentationModule, batch: dict, batch_idx: int) -> None:
+    _validation_batches[0] += 1
+    (markers / f"validating-{_validation_batches[0]}").touch()
+    time.sleep(0.1)
+    return _validation_step(self, batch, batch_idx)
 
 
 def save_in_two_halves(obj: object, file: object, *args: object, **kwargs: object) -> None:
@@ -44,5 +55,6 @@ def save_in_two_halves(obj: object, file: object, *args: object, **kwargs: objec
 
 
 SegmentationModule.training_step = training_step  # type: ignore[method-assign]
+SegmentationModule.validation_step = validation_step  # type: ignore[method-assign]
 torch.save = save_in_two_halves  # type: ignore[assignment]
 main(sys.argv[2:])

@@ -1,5 +1,5 @@
-"""SIGKILL a training run at random moments, inside steps and checkpoint writes; resume must
-end exactly where an uninterrupted run ends (deterministic mode, same machine)."""
+"""SIGKILL a training run at random moments, inside steps, checkpoint writes and validations;
+resume must end exactly where an uninterrupted run ends (deterministic mode, same machine)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from annseg.engine.checkpoint import read_checkpoint
 from tests.engine.tiny import tiny_cli_args
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN = tiny_cli_args("train.max_iters=10", "train.checkpoint_every=3", "train.val_every=5")
+# Validations at 6 (right after the checkpoint at 6) and at the end, 10.
+RUN = tiny_cli_args("train.max_iters=10", "train.checkpoint_every=3", "train.val_every=6")
 SEED = int(os.environ.get("ANNSEG_KILL_SEED", "0"))  # other seeds pick other moments
 
 
@@ -35,7 +36,7 @@ def start(markers: Path, out: Path) -> subprocess.Popen:
 
 
 def kill_at(proc: subprocess.Popen, markers: Path, kind: str, count: int, delay: float) -> None:
-    """SIGKILL once ``count`` markers of ``kind`` ("step" or "saving") exist, after ``delay`` s."""
+    """SIGKILL once ``count`` markers of ``kind`` ("step", "saving", "validating") exist, after ``delay`` s."""
     deadline = time.monotonic() + 300
     while len(list(markers.glob(f"{kind}-*"))) < count:
         if proc.poll() is not None:
@@ -69,11 +70,14 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
     # Checkpoints at iterations 3, 6, 9 (each written twice: iter_NNNNNN.ckpt, then last.ckpt).
     # Killed in a step before any checkpoint, then in the first checkpoint write (both restart
     # at 0), then in a step after iteration 3 (resumes from 3, well before the run's middle),
-    # then in a later checkpoint write (resumes from 3 or 6): every seed resumes mid-run.
-    kills = [("step", rng.randint(1, 3)), ("saving", 1), ("step", rng.randint(4, 6)), ("saving", rng.randint(1, 2))]
+    # then in a later checkpoint write (resumes from 3 or 6): every seed resumes mid-run. Last,
+    # inside the validation at 6, which follows the checkpoint at 6 (or, resumed from 6, inside
+    # the validation the resumed run repeats because its row is missing): its row must appear once.
+    kills = [("step", rng.randint(1, 3)), ("saving", 1), ("step", rng.randint(4, 6)), ("saving", rng.randint(1, 2)),
+             ("validating", 1)]
     saw_partial_write = False
     for kind, count in kills:
-        kill_at(start(markers, out), markers, kind, count, delay=rng.uniform(0, 0.02 if kind == "step" else 0.1))
+        kill_at(start(markers, out), markers, kind, count, delay=rng.uniform(0, 0.02 if kind == "step" else 0.08))
         checkpoints = out / "checkpoints"
         for path in checkpoints.glob("*.ckpt"):
             read_checkpoint(path)  # never half-written: every visible checkpoint is whole
@@ -84,6 +88,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
     _, stderr = final.communicate()
     assert final.returncode == 0, stderr[-3000:]
     assert "resuming from" in stderr
+    assert "the validation after iteration 6 is missing" in stderr  # the killed one, repeated
     assert not any((out / "checkpoints").glob(".*.tmp-*"))
     expected, got = weights(tmp_path / "reference"), weights(out)
     assert expected.keys() == got.keys()
@@ -91,7 +96,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
     assert not different, f"seed {SEED}: resumed weights differ in {different[:5]}"
     assert json.loads((out / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
     logged, once = _rows(out), _rows(tmp_path / "reference")  # the CSV log, whole and without repeats
-    assert [(r["step"], r["val/mIoU"]) for r in logged] == [(r["step"], r["val/mIoU"]) for r in once]
+    assert [(r["epoch"], r["step"], r["val/mIoU"]) for r in logged] == [(r["epoch"], r["step"], r["val/mIoU"]) for r in once]
+    assert [r["step"] for r in logged if r["val/mIoU"]] == ["5", "10"]  # each validation's row exactly once
 
 
 def test_ctrl_c_stops_with_a_line_saying_how_to_resume(tmp_path: Path) -> None:
