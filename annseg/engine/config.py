@@ -168,6 +168,7 @@ class ModelConfig:
             "value_channels": Range(1, CHANNELS), "aux_channels": Range(1, CHANNELS),
             "sizes": Range(1, 256, items=1),  # anchor grid sides of the pyramid sampling
             "dropout": UNIT,
+            "output_stride": Range(8, 16),  # 8 (dilated, the paper's) or 16; validate() refuses the rest
         },
     )
 
@@ -176,12 +177,18 @@ class ModelConfig:
         return f"{self.variant}_{self.backbone}"
 
     def validate(self, prefix: str) -> None:
-        """The backbone is one the zoo knows; the options are ANN's keywords, typed and in range."""
-        from annseg.models.zoo import BACKBONES
+        """The backbone is one annseg can name (its ResNets or ``timm:NAME``); the options are ANN's
+        keywords, typed and in range."""
+        from annseg.models.backbones import OUTPUT_STRIDES, resolve_backbone
 
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"{prefix}backbone: {self.backbone!r} is not one of {sorted(BACKBONES)}")
+        try:
+            resolve_backbone(self.backbone)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{prefix}backbone: {error}") from None
         self.options = check_options(self.options, f"{prefix}options")
+        stride = self.options.get("output_stride")
+        if stride is not None and stride not in OUTPUT_STRIDES:
+            raise ConfigError(f"{prefix}options.output_stride: {stride} is not one of {list(OUTPUT_STRIDES)}")
 
 
 @functools.cache
