@@ -51,12 +51,13 @@ def read_file(path: str | Path, what: str = "weights", mmap: bool = False) -> An
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
+        if "Weights only load failed" in str(error) and "Unsupported operand" not in str(error):
             raise UnsafeFileError(f"{what} {path} holds {_unpickler_complaint(str(error))}; annseg loads plain "
                                   "data only (tensors, numbers, strings, lists, dicts) and never runs code from a "
                                   "file: use a file annseg or `annseg convert` wrote, or one from a source you "
                                   "trust re-saved as plain tensors") from None
-        raise ValueError(f"cannot read {what} {path}: {_first_line(error)}") from None
+        raise ValueError(f"cannot read {what} {path}: it is truncated or not a torch file "
+                         f"({_unpickler_detail(error)})") from None
     except Exception as error:  # torch raises several types for truncated / foreign files
         raise ValueError(f"cannot read {what} {path}: {_first_line(error)}") from None
 
@@ -68,8 +69,17 @@ def _unpickler_complaint(message: str) -> str:
     """What torch's weights-only unpickler refused, in a few words (its message spans lines)."""
     if match := _UNSUPPORTED_GLOBAL.search(message):
         return f"a pickled object ({match.group(1)})"
-    detail = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
-    return f"data that is not plain ({detail.group(1).strip() if detail else 'a pickled object'})"
+    detail = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", message, re.S)
+    words = " ".join(detail.group(1).split()) if detail else ""
+    return f"data that is not plain ({words or 'a pickled object'})"
+
+
+def _unpickler_detail(error: Exception) -> str:
+    """The unpickler's own complaint about a damaged file (torch wraps it in a page of advice)."""
+    text = str(error)
+    if match := re.search(r"(Unsupported operand \S+)", text):
+        return match.group(1)
+    return _first_line(error)
 
 
 def _first_line(error: Exception) -> str:

@@ -199,7 +199,7 @@ def test_1x_config_key_pool_scales_give_mmsegs_logits(tmp_path, capsys):
     reference = randomise(MmsegANN(NUM_CLASSES, channels=32, project=16, aux=24, scales=(1, 2, 4)), seed=3).eval()
     cfg = config_text(NUM_CLASSES, 32, 16, 24, key_pool_scales="(1, 2, 4)", dataset="MyDataset")
     model, meta = _convert(tmp_path, reference.state_dict(), {"cfg": cfg, "dataset_meta": {"classes": CLASSES}})
-    assert meta["config"].model.options["sizes"] == [1, 2, 4]
+    assert tuple(meta["config"].model.options["sizes"]) == (1, 2, 4)
     assert model.apnb.sample.sizes == (1, 2, 4) and model.afnb.sample.sizes == (1, 2, 4)
     image = torch.randn(1, 3, 57, 71)
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_1x_config_key_pool_scales_give_mmsegs_logits(tmp_path, capsys):
 def test_0x_config_is_read_too(reference, tmp_path):
     cfg = config_text(NUM_CLASSES, 32, 16, 24, key_pool_scales="(1, 2)", dataset="MyDataset")
     _, meta = _convert(tmp_path, reference.state_dict(), {"config": cfg, "CLASSES": CLASSES})
-    assert meta["config"].model.options["sizes"] == [1, 2]
+    assert tuple(meta["config"].model.options["sizes"]) == (1, 2)
     assert meta["converted_from"]["config"] == "meta['config']"
 
 

@@ -112,7 +112,7 @@ def test_default_yaml_is_the_builtin_default() -> None:
         ("eval.scales=[1, 0]", "eval.scales[1]: 0.0 is out of range; expected a finite number in (0, 16]"),
         ("eval.short_side=0", "eval.short_side: 0 is out of range"),
         ("eval.batch_size=0", "eval.batch_size: 0 is out of range"),
-        ("model.backbone=vgg16", "model.backbone: 'vgg16' is not one of ["),
+        ("model.backbone=vgg16", "model.backbone: unknown backbone 'vgg16'; annseg's backbones are ["),
         ("model.options={head_channels: 0}", "model.options.head_channels: 0 is out of range; expected an int in [1, 65536]"),
         ("model.options={sizes: []}", "model.options.sizes: [] has 0 values; expected at least 1"),
         ("model.options={sizes: [1, 0]}", "model.options.sizes[1]: 0 is out of range"),
