@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision import tv_tensors
 
+from annseg.data.base import dangling_link_error, find_files
 from annseg.data.transforms import Normalization
 from annseg.engine.config import EvalConfig
 from annseg.engine.inference import infer_with
@@ -21,12 +22,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def folder_images(folder: Path) -> list[Path]:
-    """The image files below ``folder``, recursively, sorted.
-
-    The one walk of an input folder: a shared walk of annseg.data (symlinks, loops, skipped
-    files named) plugs in here.
+    """The image files below ``folder``, recursively, sorted, through the datasets' walk
+    (``annseg.data.base.find_files``): linked sub-folders are read, a loop is named and skipped,
+    and a dangling image link is an error naming it (an image asked for cannot be left out).
     """
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, dangling = find_files(folder, IMAGE_SUFFIXES)
+    if dangling:
+        raise dangling_link_error(dangling[0], "image")
+    return files
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[tuple[Path, Path]]:

@@ -101,3 +101,18 @@ def test_cityscapes_format_refuses_overlays(checkpoint: Path, tmp_path: Path) ->
         predict(checkpoint, str(tmp_path / "x.png"), "--format", "cityscapes", "--overlay", "blend",
                 "--out", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_linked_folder_is_read_and_a_dangling_link_is_named(checkpoint: Path, tmp_path: Path) -> None:
+    """Inputs are walked like datasets: a symlinked sub-folder counts; a dangling image link stops in
+    one line naming it, before anything is written."""
+    photo(tmp_path / "elsewhere" / "far.png"), photo(tmp_path / "photos" / "near.png")
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "elsewhere")
+    predict(checkpoint, str(tmp_path / "photos"), "--out", str(tmp_path / "out"), "--overlay", "none")
+    assert written(tmp_path / "out") == ["linked/far.png", "near.png"]
+    (tmp_path / "photos" / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(SystemExit) as stop:
+        predict(checkpoint, str(tmp_path / "photos"), "--out", str(tmp_path / "out2"))
+    assert str(stop.value) == (f"annseg: error: {tmp_path / 'photos' / 'gone.png'}: image is a symlink to "
+                               f"{tmp_path / 'missing.png'}, which does not exist; fix the link or remove it")
+    assert not (tmp_path / "out2").exists()
