@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from annseg.engine.resume import RESUME_RULES, changed_settings, check_same_run,
 from annseg.engine.datamodule import SegmentationDataModule
 from annseg.engine.module import SegmentationModule
 from annseg.losses import ANNLoss
+from annseg.models.weights import read_file
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,12 @@ def _run_checkpoints(folder: Path) -> Path | None:
 
 
 def _load_plain(path: Path, what: str) -> dict[str, Any]:
-    """The checkpoint at ``path``, memory-mapped and loaded as plain data only (no code runs)."""
+    """The checkpoint at ``path``, memory-mapped, through the one safe reader (plain data only: no
+    code in it runs); its errors with ``what`` (the flag) in front. ``resolve_resume`` verified it whole."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).splitlines()[0]
-        raise ValueError(f"{what}: checkpoint {path} holds more than plain data (tensors, numbers, strings), which "
-                         f"could run code when loaded, so annseg does not load it ({first})") from None
-    except Exception as error:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"{what}: checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
+        return read_file(path, "checkpoint", mmap=True)
+    except ValueError as error:
+        raise type(error)(f"{what}: {error}") from None
 
 
 def _saved_config(meta: dict[str, Any], path: Path, what: str) -> Config:
