@@ -346,17 +346,14 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    import torch
-
-    from annseg.models import create_model, list_models
+    from annseg.models import list_models
+    from annseg.models.zoo import parameter_count
 
     names = list_models()
     width = max(map(len, names))
     print(f"{'model':<{width}} {'parameters':>12}   ({args.num_classes} classes)")
     for name in names:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = create_model(name, num_classes=args.num_classes)
-        print(f"{name:<{width}} {sum(p.numel() for p in model.parameters()):>12,}")
+        print(f"{name:<{width}} {parameter_count(name, args.num_classes):>12,}")
 
 
 def _cmd_configs(args: argparse.Namespace) -> None:

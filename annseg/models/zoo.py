@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import timm
+import torch
 
 from annseg.models.ann import ANN, VARIANTS
 from annseg.models.backbones import RESNETS, TIMM_PREFIX
@@ -55,3 +58,30 @@ def create_model(
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {name!r}; valid options: {sorted(_OPTIONS)}")
     return build(num_classes=num_classes, backbone_weights=backbone_weights, **options)
+
+
+def parameter_count(name: str, num_classes: int = 19, **options: Any) -> int:
+    """The parameters of ``create_model(name, num_classes, **options)``, from shapes alone.
+
+    Built on the meta device with the initialisers of ``torch.nn.init`` skipped: no memory is
+    taken and no random numbers drawn, which makes ``annseg models`` quick (the counts equal
+    those of the built models; a test checks it).
+    """
+    with _initialisers_skipped(), torch.device("meta"):
+        model = create_model(name, num_classes=num_classes, **options)
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    """``torch.nn.init``'s in-place initialisers as no-ops for the block (restored after it)."""
+    names = [n for n in vars(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, function in saved.items():
+            setattr(torch.nn.init, n, function)
