@@ -309,11 +309,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "stored with the class names and palette in the file's metadata); output 'logits' (B, K, H, W), whose "
         "argmax over K is the label map. Then runs random inputs through onnxruntime and PyTorch and prints the "
         "largest absolute difference. Needs pip install \"annseg[onnx]\".")
-    onnx.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
-                      help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
-    onnx.add_argument("--out", type=_out_path, default=None,
-                      help="ONNX file (default: <run folder>/model.onnx, the run folder being the one that holds "
-                           "checkpoints/)")
+    _add_export_files(onnx, "ONNX file", "model.onnx")
     onnx.add_argument("--height", type=_positive, default=None, help="input height (default: the config's "
                       "data.crop_size); with --dynamic the size traced and checked")
     onnx.add_argument("--width", type=_positive, default=None, help="input width (default: data.crop_size)")
@@ -326,11 +322,7 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         description="Writes the network's weights with the class names, palette, normalisation and config of a "
         "training checkpoint, without the optimiser state, lr schedule and RNG states (about half the size "
         "for SGD with momentum). eval, predict, annseg.load and train.init_from read it; --resume does not.")
-    weights.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
-                         help=f"training checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
-    weights.add_argument("--out", type=Path, default=None,
-                         help="file to write (default: <run folder>/model.ckpt, the run folder being the one that "
-                              "holds checkpoints/)")
+    _add_export_files(weights, "checkpoint of the weights", "model.ckpt")
     weights.set_defaults(run=_cmd_export_weights)
 
     demo = commands.add_parser(
@@ -343,6 +335,21 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=_out_path, default=None, help="run folder (default: runs/demo-<variant>)")
     demo.add_argument("--overlays", type=_non_negative, default=6, help="validation images to render (6)")
     demo.set_defaults(run=_cmd_demo)
+
+
+def _add_export_files(parser: argparse.ArgumentParser, what: str, name: str) -> None:
+    """``--checkpoint`` (what to export) and ``--out`` (the file written) of an export command."""
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
+                        help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
+    parser.add_argument("--out", type=_out_path, default=None,
+                        help=f"{what} (default: <run folder>/{name}, the run folder being the one that holds "
+                             "checkpoints/)")
+
+
+def _checkpoint_run_folder(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint: the one holding ``checkpoints/``, else the checkpoint's own folder."""
+    folder = checkpoint.parent
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -567,9 +574,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     model, meta, config, device = _inference_setup(args)
     split = args.split or config.data.val_split
-    folder = args.checkpoint.parent
-    run_folder = folder.parent if folder.name == "checkpoints" else folder
-    out = args.out or run_folder / f"eval-{split}.json"
+    out = args.out or _checkpoint_run_folder(args.checkpoint) / f"eval-{split}.json"
     check_out_file(out)
     dataset = build_val_dataset(config, split)
     scores = evaluate(model, dataset, meta["classes"], config.eval, device=device,
@@ -702,8 +707,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> None:
         require_onnx()
     except ImportError as error:
         raise SystemExit(f"annseg: error: {error}")
-    folder = args.checkpoint.parent
-    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.onnx"
+    out = args.out or _checkpoint_run_folder(args.checkpoint) / "model.onnx"
     check_out_file(out)
     _require_default_checkpoint(args.checkpoint)
     network, meta = load_model(args.checkpoint)
@@ -736,8 +740,7 @@ def _cmd_export_weights(args: argparse.Namespace) -> None:
     from annseg.engine.checkpoint import export_weights
 
     _require_default_checkpoint(args.checkpoint)
-    folder = args.checkpoint.parent
-    out = args.out or (folder.parent if folder.name == "checkpoints" else folder) / "model.ckpt"
+    out = args.out or _checkpoint_run_folder(args.checkpoint) / "model.ckpt"
     if out.resolve() == args.checkpoint.resolve():
         raise ValueError(f"--out {out} is the checkpoint itself; name another file")
     check_out_file(out)
