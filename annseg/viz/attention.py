@@ -7,9 +7,9 @@ weight. Where a size does not divide the map, neighbouring bins share feature ro
 a pixel there is averaged by several cells, and its shade is the sum of their weights, the
 weight the level puts on that pixel's feature position through all the cells that read it.
 The shade runs from none (0) to full at the largest such sum in the point's row (one scale
-for all its levels, so they compare), printed at the right end of the bars; a panel's title gives the share of the point's attention that
-falls on that level. Pillow only; small images are upscaled by nearest-neighbour as the
-overlays are (``overlay.upscale_factor``).
+for all its levels, so they compare), printed at the right end of the bars; a panel's title
+gives the share of the point's attention that falls on that level. Pillow only; small images
+are upscaled by nearest-neighbour as the overlays are (``overlay.upscale_factor``).
 """
 
 from __future__ import annotations
