@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import annseg
+from annseg.cli import main
 from annseg.engine.attention import feature_index
+from annseg.viz import attention_picture
 from tests.engine.tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory):
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.ckpt"
     tiny_checkpoint(path)
-    return annseg.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Path):
+    return annseg.load(checkpoint)
 
 
 def _image(height: int = 64, width: int = 96) -> np.ndarray:
@@ -91,3 +100,35 @@ def test_a_model_without_the_block_says_so(tmp_path: Path, variant: str, missing
     model = annseg.load(tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match=f"variant '{variant}'.* has no {missing.upper()} with pyramid anchors"):
         model.attention(_image(), [(1, 1)], block=missing)
+
+
+def test_cli_draws_the_picture_of_the_points(checkpoint: Path, model, tmp_path: Path, capsys) -> None:
+    Image.fromarray(_image(50, 75)).save(tmp_path / "scene.png")
+    out = tmp_path / "attention.png"
+    main(["attention", str(tmp_path / "scene.png"), "--checkpoint", str(checkpoint), "--at", "10", "20",
+          "--at", "70.5", "45", "--block", "afnb", "--out", str(out)])
+    assert f"wrote {out}: 2 point(s), AFNB anchors 1x1 + 3x3 + 6x6 + 8x8 = 110" in capsys.readouterr().out
+    expected = attention_picture(_image(50, 75), model.attention(_image(50, 75), [(10, 20), (70.5, 45)], "afnb"))
+    with Image.open(out) as written:
+        assert written.format == "PNG" and written.size == expected.size
+        np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+    assert expected.width == 5 * 75 * 6 + 4 * 6  # five panels upscaled 6x to a short side >= 256, borders
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--at", "75", "3"], r"point \(75, 3\) is outside the 75x50 image"),
+    (["--at", "1", "x"], "argument --at: expected a number"),
+    (["--at", "1", "1", "--block", "afnb", "--checkpoint", "{apnb}"], "variant 'apnb'.* has no AFNB"),
+])
+def test_cli_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    Image.fromarray(_image(50, 75)).save(tmp_path / "scene.png")
+    if "{apnb}" in args:
+        tiny_checkpoint(tmp_path / "apnb.ckpt", "model.variant=apnb")
+        args = [str(tmp_path / "apnb.ckpt") if a == "{apnb}" else a for a in args]
+    argv = ["attention", str(tmp_path / "scene.png"), "--checkpoint", str(checkpoint), *args,
+            "--out", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    text = str(error.value) if error.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, text) and "\n" not in text
+    assert not (tmp_path / "a.png").exists()
