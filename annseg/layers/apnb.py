@@ -32,7 +32,9 @@ class APNB(nn.Module):
         fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
 
     Set ``probe`` (an ``AttentionProbe``) to record the attention weights of chosen positions
-    during the forward. Projections that read the same input run as one wider matmul: query and key (when not
+    during the forward.
+
+    Projections that read the same input run as one wider matmul: query and key (when not
     shared), and for the non-local block (``sizes=None``) the value too. With anchors the
     value reads the S pooled positions instead, which costs S/N of a projection of all N.
     ``fuse_for_inference()`` folds BatchNorms, W and the fusion conv into fewer matmuls.
