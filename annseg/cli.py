@@ -67,6 +67,15 @@ def _scale(text: str) -> float:
     return value
 
 
+def _coordinate(text: str) -> int | float:
+    """An image coordinate: an int, or a float for a position between pixel corners."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (image pixels), got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def _out_path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("the output path is empty; name a folder or file")
@@ -324,6 +333,24 @@ def _add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "for SGD with momentum). eval, predict, annseg.load and train.init_from read it; --resume does not.")
     _add_export_files(weights, "checkpoint of the weights", "model.ckpt")
     weights.set_defaults(run=_cmd_export_weights)
+
+    attention = commands.add_parser(
+        "attention", help="a picture of where chosen pixels attend: APNB's or AFNB's weights over its anchors",
+        description="Runs the network once on IMAGE at its own size and draws, for each --at point, the image "
+        "with the point marked and one panel per pyramid level (1x1, 3x3, 6x6, 8x8): each pooled cell shades "
+        "the image pixels its bin averages by its attention weight (overlapping bins add up). A point (x, y) maps "
+        "to feature row floor(y * H_f / H) and column floor(x * W_f / W).")
+    attention.add_argument("image", type=Path, metavar="IMAGE", help="the image file")
+    attention.add_argument("--checkpoint", type=Path, default=DEFAULT_RUN / "checkpoints" / "last.ckpt",
+                           help=f"trained checkpoint (default: {DEFAULT_RUN}/checkpoints/last.ckpt)")
+    attention.add_argument("--at", dest="points", nargs=2, type=_coordinate, action="append", required=True,
+                           metavar=("X", "Y"), help="a query point in image pixels, x then y (repeatable)")
+    attention.add_argument("--block", choices=("apnb", "afnb"), default="apnb",
+                           help="apnb (default): context-map queries over their own anchors; afnb: high-level "
+                                "queries over the low-level map's anchors")
+    attention.add_argument("--out", type=Path, default=Path("attention.png"), help="PNG to write (attention.png)")
+    attention.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    attention.set_defaults(run=_cmd_attention)
 
     demo = commands.add_parser(
         "demo", help="the main job: train on the built-in dataset, evaluate, write overlays (minutes on a CPU)",
@@ -749,6 +776,23 @@ def _cmd_export_weights(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {size(out):,.1f} MiB (the checkpoint: {size(args.checkpoint):,.1f} MiB); "
           f"use it with: annseg eval --checkpoint {out}, annseg predict IMAGES --checkpoint {out}, "
           f"annseg.load({str(out)!r})")
+
+
+def _cmd_attention(args: argparse.Namespace) -> None:
+    from annseg.data import read_image
+    from annseg.engine import load_model
+    from annseg.engine.segmenter import Segmenter
+    from annseg.viz.attention import attention_picture
+
+    check_out_file(args.out)
+    _require_default_checkpoint(args.checkpoint)
+    image = read_image(args.image)
+    segmenter = Segmenter.from_meta(*load_model(args.checkpoint)).to(_device(args))
+    maps = segmenter.attention(image, [tuple(point) for point in args.points], block=args.block)
+    attention_picture(image.permute(1, 2, 0).numpy(), maps).save(args.out)
+    print(f"wrote {args.out}: {len(maps.points)} point(s), {args.block.upper()} anchors "
+          f"{' + '.join(f'{s}x{s}' for s in maps.sizes)} = {maps.weights.shape[1]} on the "
+          f"{maps.feature[0]}x{maps.feature[1]} feature map")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from annseg.data.base import array_as_rgb, as_rgb
 from annseg.data.transforms import Normalization
+from annseg.engine.attention import AttentionMaps, attention_maps
 from annseg.engine.checkpoint import load_model
 from annseg.engine.config import EvalConfig
 from annseg.engine.predict import palette_png, view_count, view_sum
@@ -128,6 +129,18 @@ class Segmenter(nn.Module):
             logits = logits / view_count(self.settings)
             result = logits.softmax(1) if output == "probabilities" else logits
         return list(result.cpu().numpy())
+
+    def attention(self, image: ImageLike, points: Sequence[Sequence[float]], block: str = "apnb") -> AttentionMaps:
+        """Where each query point attends: the softmax weights over ``block``'s S pyramid anchors.
+
+        ``points``: (x, y) image pixels. ``block``: ``"apnb"`` (queries and anchors from the context
+        map) or ``"afnb"`` (queries from the high-level map, anchors from the low-level map). One
+        forward of the network at the image's own size (the test-time views of ``settings`` do not
+        apply); a point maps to feature row ``floor(y * H_f / H)`` and column ``floor(x * W_f / W)``.
+        ``image`` as for ``predict``. Raises ValueError for a point outside the image, an unknown
+        block or a model without that block.
+        """
+        return attention_maps(self.network, _as_rgb(image), self.normalization, points, block)
 
     def colorize(self, labels: np.ndarray) -> Image.Image:
         """A paletted image of a label map: pixel values are class ids, shown in the class colours."""

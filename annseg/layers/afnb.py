@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from annseg.layers.apnb import fold_for_inference
-from annseg.layers.attention import attention
+from annseg.layers.attention import AttentionProbe, attention
 from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_together, to_map, to_tokens
 from annseg.layers.pyramid import PyramidSampling
 
@@ -30,6 +30,9 @@ class AFNB(nn.Module):
         fusion: concat[W(O), X_high] -> 1x1 conv -> BN -> dropout (no ReLU). ``False`` returns W(O).
         conv_bias: bias in convolutions followed by BatchNorm.
         fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
+
+    Set ``probe`` (an ``AttentionProbe``) to record the attention weights of chosen high-level
+    positions over the low-level anchors during the forward.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class AFNB(nn.Module):
         out_channels = high_channels if out_channels is None else out_channels
         self.fused_attention = fused_attention
         self.folded: FoldedOutput | None = None
+        self.probe: AttentionProbe | None = None
         self.query = Projection(high_channels, key_channels, bias=conv_bias)
         self.key = Projection(low_channels, key_channels, bias=conv_bias)
         self.value = Projection(low_channels, value_channels, norm=False, act=False)
@@ -75,6 +79,8 @@ class AFNB(nn.Module):
         else:  # every low-level position is an anchor: key and value in one matmul
             key, anchor_values = project_together(to_tokens(low), self.key, self.value)
         anchor_keys = self.sample(to_map(key, *low.shape[-2:])).transpose(1, 2)  # (B, S, Ck)
+        if self.probe is not None:  # the weights of a few queries, for a picture of them
+            self.probe.record(query, anchor_keys, (H, W), tuple(low.shape[-2:]))
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
         del query, key, anchor_keys, anchor_values  # free them before the wide output is built
         if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map

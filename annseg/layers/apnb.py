@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from annseg.layers.attention import attention
+from annseg.layers.attention import AttentionProbe, attention
 from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_together, to_map, to_tokens
 from annseg.layers.pyramid import PyramidSampling
 
@@ -31,6 +31,9 @@ class APNB(nn.Module):
         conv_bias: bias in convolutions followed by BatchNorm (the authors' code has one).
         fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
 
+    Set ``probe`` (an ``AttentionProbe``) to record the attention weights of chosen positions
+    during the forward.
+
     Projections that read the same input run as one wider matmul: query and key (when not
     shared), and for the non-local block (``sizes=None``) the value too. With anchors the
     value reads the S pooled positions instead, which costs S/N of a projection of all N.
@@ -55,6 +58,7 @@ class APNB(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         self.fused_attention = fused_attention
         self.folded: FoldedOutput | None = None
+        self.probe: AttentionProbe | None = None
         self.key = Projection(in_channels, key_channels, bias=conv_bias)
         self.query = None if share_query_key else Projection(in_channels, key_channels, bias=conv_bias)
         self.value = Projection(in_channels, value_channels, norm=False, act=False)
@@ -82,6 +86,8 @@ class APNB(nn.Module):
             anchor_values = self.value(self.sample(x).transpose(1, 2))  # (B, S, Cv)
         else:
             anchor_values = projected.pop(0)  # (B, N, Cv): every position is an anchor
+        if self.probe is not None:  # the weights of a few queries, for a picture of them
+            self.probe.record(query, anchor_keys, (H, W), (H, W))
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
         del query, key, anchor_keys, anchor_values  # free them before the wide output is built
         if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map

@@ -5,9 +5,15 @@ Two paths compute the same function:
   tiles over queries, so the (N, S) similarity map is never held in memory at once; this is
   what makes the full non-local block fit in a few hundred MiB instead of gigabytes.
 - reference: plain ``bmm`` + ``softmax``, easy to read, used by tests and FLOP counting.
+
+``attention_weights`` is the reference path's softmax alone; ``AttentionProbe`` uses it to read
+the weights of a few query positions out of a block's real forward (``annseg attention``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +41,40 @@ def attention(query: Tensor, key: Tensor, value: Tensor, *, fused: bool = True) 
         # (B, 1, N, C): one head, in the dtype of the query (autocast may leave them apart).
         q, k, v = (_dense(t.unsqueeze(1).to(query.dtype)) for t in (query, key, value))
         return F.scaled_dot_product_attention(q, k, v).squeeze(1)
+    weights = attention_weights(query, key)  # (B, N, S)
+    return torch.bmm(weights, value.to(weights.dtype))  # (B, N, Cv)
+
+
+def attention_weights(query: Tensor, key: Tensor) -> Tensor:
+    """softmax(Q K^T / sqrt(Ck)): (B, N, Ck) queries, (B, S, Ck) keys -> (B, N, S), rows sum to 1."""
     scale = query.shape[-1] ** -0.5
     similarity = torch.bmm(query, key.transpose(1, 2)) * scale  # (B, N, S)
-    weights = similarity.softmax(dim=-1)
-    return torch.bmm(weights, value.to(weights.dtype))  # (B, N, Cv)
+    return similarity.softmax(dim=-1)
+
+
+@dataclass
+class AttentionProbe:
+    """Set as a block's ``probe`` to record the attention weights of some query positions.
+
+    ``rows(H, W)`` gets the size of the block's query map and returns the flat indices
+    (row-major, ``y * W + x``) of the positions to record, so a caller can choose positions
+    before it knows the map's size. During the block's forward, ``weights`` becomes
+    (B, P, S), ``attention_weights`` of those queries against the block's own anchor keys;
+    ``query_size`` and ``anchor_size`` the (H, W) of the query map and of the map the anchors
+    are pooled from. The block's output is unchanged.
+    """
+
+    rows: Callable[[int, int], Tensor]
+    weights: Tensor | None = None
+    query_size: tuple[int, int] | None = None
+    anchor_size: tuple[int, int] | None = None
+
+    def record(self, query: Tensor, anchor_keys: Tensor, query_size: tuple[int, int],
+               anchor_size: tuple[int, int]) -> None:
+        """Called by the block's forward with its (B, N, Ck) queries and (B, S, Ck) anchor keys."""
+        rows = self.rows(*query_size).to(query.device)
+        self.weights = attention_weights(query[:, rows].to(anchor_keys.dtype), anchor_keys).detach()
+        self.query_size, self.anchor_size = tuple(query_size), tuple(anchor_size)
 
 
 def _dense(t: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +46,11 @@ def _averaging_matrix(length: int | torch.SymInt, sizes: tuple[int, ...], device
     position = torch.arange(length, device=device)  # (L,)
     inside = (position >= start) & (position < end)  # (T, L)
     return inside.to(dtype) / (end - start).to(dtype)
+
+
+def bin_mask(length: int, size: int) -> np.ndarray:
+    """(size, length) bool: which of ``length`` positions each of ``size`` adaptive-pooling bins averages."""
+    return (_averaging_matrix(length, (size,), torch.device("cpu"), torch.float64) > 0).numpy()
 
 
 def validate_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:

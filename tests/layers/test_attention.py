@@ -79,3 +79,29 @@ def test_cuda_one_anchor():
     q = torch.randn(1, 300, 64, device="cuda")
     k, v = (torch.randn(1, 64, 1, device="cuda").transpose(1, 2) for _ in range(2))
     torch.testing.assert_close(attention(q, k, v), v.expand(1, 300, 64))
+
+
+@pytest.mark.parametrize("which", ["apnb", "afnb"])
+def test_a_probe_records_the_blocks_weights_and_changes_nothing(which):
+    """With W alone as the output (fusion off), the block's output at a recorded position is W applied
+    to the recorded weights times the anchor values: the weights are those the forward used."""
+    from annseg.layers import AFNB, APNB, AttentionProbe
+
+    torch.manual_seed(0)
+    low, high = torch.randn(2, 6, 7, 9), torch.randn(2, 5, 5, 7)
+    block = (APNB(5, 5, key_channels=4, value_channels=3, fusion=False) if which == "apnb"
+             else AFNB(6, 5, 5, key_channels=4, value_channels=3, fusion=False)).eval()
+    torch.nn.init.normal_(block.out.conv.weight)  # W is zero at init
+    inputs = (high,) if which == "apnb" else (low, high)
+    values = {}
+    block.value.register_forward_hook(lambda m, i, output: values.update(anchors=output))
+    before = block(*inputs)
+    block.probe = probe = AttentionProbe(lambda h, w: torch.tensor([0, h * w - 1, 2 * w + 3]))
+    after = block(*inputs)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert probe.weights.shape == (2, 3, 110) and probe.query_size == (5, 7)
+    assert probe.anchor_size == ((5, 7) if which == "apnb" else (7, 9))
+    torch.testing.assert_close(probe.weights.sum(-1), torch.ones(2, 3))
+    expected = block.out(probe.weights @ values["anchors"])  # (B, P, C_out)
+    flat = after.flatten(2).transpose(1, 2)[:, [0, 34, 17]]  # positions 0, 5 * 7 - 1, 2 * 7 + 3
+    torch.testing.assert_close(flat, expected, atol=1e-5, rtol=1e-5)
