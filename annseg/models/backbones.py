@@ -130,13 +130,53 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if backbone.name in RESNETS:
         state = openmmlab_resnet_to_timm(state)
+    hint = f"Pass a state dict of timm's {backbone.timm_name!r}"
+    if backbone.name in RESNETS:
+        hint += ", torchvision or OpenMMLab whose stem and depth match the backbone."
+        held = resnet_in_state_dict(state)
+        if held is not None and held[0] != backbone.name:
+            hint = f"The file holds {held[1]}: use backbone {held[0]!r} (--set model.backbone={held[0]}), or {hint[0].lower()}{hint[1:]}"
     to_model, ignored = _timm_key_names(backbone)
     state = {to_model.get(k, k): v for k, v in state.items() if k not in ignored}
     to_timm = {ours: theirs for theirs, ours in to_model.items()}
-    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.timm_name!r}",
-                 hint=f"Pass a state dict of timm's {backbone.timm_name!r}"
-                      + (", torchvision or OpenMMLab whose stem and depth match the backbone." if backbone.name in RESNETS else "."),
+    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.timm_name!r}", hint=hint,
                  names=lambda key: to_timm.get(key, key))
+
+
+# (blocks per stage, bottleneck blocks) -> depth of the standard ResNets
+_RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+                  ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
+# the stem, as timm's name suffix ("" for the plain stem), in words
+_STEMS = {"plain": "the plain 7x7 stem (timm / torchvision resnetNN)",
+          "c": "the deep stem 3->32->32->64 (OpenMMLab ResNetV1c, timm resnetNNc)",
+          "s": "the deep-base stem 3->64->64->128 (the authors' resnetNN-deep, timm resnetNNs)"}
+
+
+def resnet_in_state_dict(state: Mapping[str, Tensor]) -> tuple[str, str] | None:
+    """The backbone that fits a ResNet state dict with timm's key names, read from its stem and
+    block counts: ``(name, description)``, e.g. ``("resnet50v1b", "a ResNet-50 with the plain 7x7
+    stem ...")``. The name is annseg's where it has one, else ``timm:resnetNN``. None when the
+    file is no standard ResNet.
+
+    The stem's first conv tells the three apart: ``conv1.weight`` 7x7 is the plain stem,
+    ``conv1.0.weight`` (32, 3, 3, 3) the ResNetV1c deep stem, (64, 3, 3, 3) the deep-base stem.
+    """
+    if "conv1.weight" in state and state["conv1.weight"].shape[-2:] == (7, 7):
+        stem = "plain"
+    elif "conv1.0.weight" in state and tuple(state["conv1.0.weight"].shape) in ((32, 3, 3, 3), (64, 3, 3, 3)):
+        stem = "c" if state["conv1.0.weight"].shape[0] == 32 else "s"
+    else:
+        return None
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()),
+                           default=-1) for i in range(1, 5))
+    depth = _RESNET_DEPTHS.get((blocks, "layer1.0.conv3.weight" in state))
+    if depth is None:
+        return None
+    ours = [name for name, theirs in RESNETS.items() if theirs == f"resnet{depth}{'' if stem == 'plain' else stem}"]
+    name = ours[0] if ours else f"{TIMM_PREFIX}resnet{depth}{'' if stem == 'plain' else stem}"
+    if not ours and not timm.is_model(name.removeprefix(TIMM_PREFIX)):
+        return None
+    return name, f"a ResNet-{depth} with {_STEMS[stem].replace('NN', str(depth))}"
 
 
 def _timm_key_names(backbone: Backbone) -> tuple[dict[str, str], set[str]]:

@@ -127,6 +127,32 @@ def test_stem_mismatch_lists_the_keys(tmp_path):
         create_model("fcn_resnet50", backbone_weights=path)
 
 
+def test_a_plain_stem_file_given_to_the_deep_stem_suggests_resnet50v1b(tmp_path):
+    path = _save(tmp_path / "timm_resnet50.pth", _timm_state("resnet50"))
+    with pytest.raises(ValueError, match=r"timm_resnet50.pth does not match timm 'resnet50c'.*missing keys: conv1\.0\.weight"
+                                         r".*holds a ResNet-50 with the plain 7x7 stem.*use backbone 'resnet50v1b'"):
+        create_model("fcn_resnet50", backbone_weights=path)
+
+
+@pytest.mark.parametrize("timm_name, expected", [
+    ("resnet18", "resnet18"), ("resnet34", "timm:resnet34"), ("resnet50", "resnet50v1b"),
+    ("resnet101", "resnet101v1b"), ("resnet50c", "resnet50"), ("resnet101c", "resnet101"),
+    ("resnet50s", "resnet50s"), ("resnet101s", "resnet101s"), ("resnet152c", "timm:resnet152c"),
+])
+def test_the_backbone_a_resnet_file_fits_is_read_from_its_stem_and_depth(timm_name, expected):
+    from annseg.models.backbones import resnet_in_state_dict
+
+    with torch.device("meta"):
+        state = timm.create_model(timm_name, pretrained=False).state_dict()
+    name, words = resnet_in_state_dict(state)
+    assert name == expected and f"ResNet-{timm_name[6:9].rstrip('cs')}" in words
+    if not name.startswith("timm:"):  # the suggested backbone's own keys are exactly the file's
+        from annseg.models.backbones import RESNETS
+
+        assert RESNETS[name] == timm_name
+    assert resnet_in_state_dict({"weight": torch.zeros(1)}) is None
+
+
 # ---- any timm CNN as the backbone -------------------------------------------------------
 from annseg.losses import ANNLoss  # noqa: E402
 from annseg.models import ANN, Backbone, resolve_backbone  # noqa: E402
