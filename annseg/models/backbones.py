@@ -123,13 +123,14 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     every other key must be there with its shape, and no key may be foreign. ResNets also load
     from torchvision (same key names) and OpenMMLab (mmpretrain / mmcv ResNetV1c, or a whole
     mmseg model): with ``backbone.*`` keys only those are read, and the deep stem's ``stem.*``
-    keys are renamed to timm's.
+    keys are renamed to timm's, as are those of the authors' deep-base stem (``conv1`` ...
+    ``bn3``). A file that fits another of annseg's ResNets says which (``resnet_in_state_dict``).
     """
     state = read_state_dict(path, "backbone weights")
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if backbone.name in RESNETS:
-        state = openmmlab_resnet_to_timm(state)
+        state = openmmlab_resnet_to_timm(deep_base_resnet_to_timm(state))
     hint = f"Pass a state dict of timm's {backbone.timm_name!r}"
     if backbone.name in RESNETS:
         hint += ", torchvision or OpenMMLab whose stem and depth match the backbone."
@@ -204,6 +205,24 @@ def _timm_key_names(backbone: Backbone) -> tuple[dict[str, str], set[str]]:
 # two convs' BNs inside ``conv1`` and names the last BN ``bn1``.
 _STEM_TO_TIMM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
                  "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+
+
+# The authors' deep-base ResNet (and PSPNet's / CCNet's ImageNet files) names its stem's
+# three conv + BN pairs at the top level: conv1 bn1 conv2 bn2 conv3 bn3.
+_DEEP_BASE_TO_TIMM = {"conv1.": "conv1.0.", "bn1.": "conv1.1.", "conv2.": "conv1.3.", "bn2.": "conv1.4.",
+                      "conv3.": "conv1.6.", "bn3.": "bn1."}
+
+
+def deep_base_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A deep-base ResNet with the stem named ``conv1 bn1 conv2 bn2 conv3 bn3`` in timm's names
+    (a top-level ``conv3.weight`` marks it: timm's and torchvision's have none); others unchanged."""
+    if "conv3.weight" not in state:
+        return dict(state)
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in _DEEP_BASE_TO_TIMM if key.startswith(p)), None)
+        renamed[key if prefix is None else _DEEP_BASE_TO_TIMM[prefix] + key[len(prefix):]] = value
+    return renamed
 
 
 def openmmlab_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

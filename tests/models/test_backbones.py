@@ -153,6 +153,19 @@ def test_the_backbone_a_resnet_file_fits_is_read_from_its_stem_and_depth(timm_na
     assert resnet_in_state_dict({"weight": torch.zeros(1)}) is None
 
 
+def test_the_authors_deep_base_stem_names_load_into_resnet50s(tmp_path):
+    """conv1 bn1 conv2 bn2 conv3 bn3 at the top level (the authors' ImageNet file) -> timm's conv1.N / bn1."""
+    from annseg.models.backbones import _DEEP_BASE_TO_TIMM
+
+    state = {k: v.uniform_(-1, 1) if v.is_floating_point() else v for k, v in _timm_state("resnet50s").items()}
+    theirs = {ours: mine for mine, ours in _DEEP_BASE_TO_TIMM.items()}
+    authors = {next((theirs[p] + k[len(p):] for p in theirs if k.startswith(p)), k): v for k, v in state.items()}
+    assert "conv3.weight" in authors and "conv1.0.weight" not in authors
+    model = create_model("fcn_resnet50s", num_classes=3, backbone_weights=_save(tmp_path / "deep.pth", authors))
+    for key, value in model.backbone.body.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
 # ---- any timm CNN as the backbone -------------------------------------------------------
 from annseg.losses import ANNLoss  # noqa: E402
 from annseg.models import ANN, Backbone, resolve_backbone  # noqa: E402
