@@ -381,7 +381,8 @@ class RunCheckpoints(ModelCheckpoint):
 
     def __init__(self, folder: Path, every: int, keep: int) -> None:
         super().__init__(dirpath=folder, filename="iter_{step:06d}", every_n_train_steps=every,
-                         save_top_k=0 if keep == 0 else -1, save_last=True, auto_insert_metric_name=False)
+                         save_top_k=0 if keep == 0 else -1, save_last=True, auto_insert_metric_name=False,
+                         enable_version_counter=False)  # a checkpoint is replaced, never saved as last-v1.ckpt
         self.keep = keep
         self.best_miou: float | None = None
         self.best_iteration: int | None = None

@@ -40,6 +40,9 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     shutil.copy(full / "iter_000002.ckpt", tmp_path / "cut" / "checkpoints" / "last.ckpt")
     shutil.copytree(tmp_path / "full" / "logs", tmp_path / "cut" / "logs")
     fit(config, tmp_path / "cut", resume="latest", progress=0)
+    # the copied checkpoint names another folder: last.ckpt is still replaced, not versioned
+    assert _iteration_files(tmp_path / "cut" / "checkpoints") == [
+        "best.ckpt", "iter_000004.ckpt", "iter_000006.ckpt", "last.ckpt"]
     resumed, expected = _weights(tmp_path / "cut" / "checkpoints" / "last.ckpt"), _weights(full / "last.ckpt")
     assert resumed.keys() == expected.keys()
     for key in expected:
