@@ -149,14 +149,15 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-_STEP = re.compile(r"iter_(\d+)\.ckpt")
+ITERATION_FILE = re.compile(r"iter_(\d+)\.ckpt")  # a numbered checkpoint, its iteration
 
 
 def latest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
     """The newest readable checkpoint in a run's ``checkpoints/`` folder, and why others were skipped.
 
     Candidates are ``last.ckpt`` and ``iter_NNNNNN.ckpt``, newest iteration first (``last.ckpt``
-    wins a tie: it is written after the numbered one). Each is verified whole; a corrupt or
+    wins a tie: it is written after the numbered one). ``best.ckpt`` is never one: it is chosen
+    by its validation score, not as the newest state. Each is verified whole; a corrupt or
     truncated one is skipped, with its reason in the returned list. ``None`` when none is good.
     A file holding a pickled object is never skipped: its ``UnsafeFileError`` propagates, since
     annseg never writes one and quietly resuming from an older checkpoint would hide it.
@@ -174,7 +175,7 @@ def latest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
                 skipped.append(str(error))
                 continue
             candidates.append((step, 1, path))
-        elif match := _STEP.fullmatch(path.name):
+        elif match := ITERATION_FILE.fullmatch(path.name):
             candidates.append((int(match.group(1)), 0, path))
     for _, _, path in sorted(candidates, reverse=True):
         try:

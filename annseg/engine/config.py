@@ -238,6 +238,8 @@ class TrainConfig:
     precision: Precision = "32"
     accumulate: int = checked(1, Range(1, 1024))
     checkpoint_every: int = checked(100, Range(1, STEPS))
+    # iter_*.ckpt kept (newest first) besides last.ckpt and best.ckpt; 0 = none, -1 = all
+    keep_checkpoints: int = checked(3, Range(-1, STEPS))
     val_every: int = checked(250, Range(1, STEPS))
     log_every: int = checked(10, Range(1, STEPS))
     seed: int = checked(0, Range(0, 2**32 - 1))  # numpy's seed range

@@ -62,6 +62,11 @@ def _describe(loss: Tensor | None, grad_norm: Tensor | None) -> str:
 class SegmentationModule(L.LightningModule):
     """Trains and validates a given segmentation network (it does not build one).
 
+    Each logged row's ``step`` (CSV and TensorBoard) is an iteration number as checkpoints count
+    them: the row of a training step is the iteration it completes, a validation's the
+    iteration whose weights it scores (``iter_000006.ckpt`` and the validation after it are
+    both step 6). Logging ``step`` also keeps Lightning from adding its ``epoch`` column.
+
     The network returns (main, aux) logits in training mode and main logits in eval mode.
     ``meta`` (config, class names, palette, normalisation) is stored in every checkpoint so
     that ``annseg eval`` / ``predict`` rebuild the model from the checkpoint alone. The
@@ -98,6 +103,9 @@ class SegmentationModule(L.LightningModule):
         self.val_metrics = SegmentationMetrics(len(self.class_names), loss.ignore_index)
         self.val_scores: dict | None = None
         self.log_validation = True  # False: scores only, for a validation whose row is already logged
+        # The iteration a validation is logged at, when it is not global_step (a validation repeated
+        # on resume, whose Trainer restored the weights only); see the class docstring.
+        self.validated_iteration: int | None = None
         self._restored_rng: dict | None = None
         self._count_logged_steps = False  # set on restore: see on_train_batch_start
         self.skip_nonfinite = skip_nonfinite
@@ -118,6 +126,7 @@ class SegmentationModule(L.LightningModule):
         self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        self.log("step", float(self.global_step + 1))  # the iteration this step completes: see the class docstring
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -162,8 +171,15 @@ class SegmentationModule(L.LightningModule):
         self.val_metrics.reset()
         if not self.log_validation:
             return
+        iteration = self.global_step if self.validated_iteration is None else self.validated_iteration
+        saver = getattr(self.trainer.checkpoint_callback, "validated", None)
+        if saver is not None:  # best.ckpt is written before the row: a kill in between repeats the validation
+            saver(self.trainer, iteration, self.val_scores["mIoU"])
         self.log("val/mIoU", self.val_scores["mIoU"], prog_bar=True, sync_dist=False)
         self.log("val/aAcc", self.val_scores["aAcc"], sync_dist=False)
+        for name, iou in self.val_scores["IoU"].items():
+            self.log(f"val/IoU/{name}", iou, sync_dist=False)
+        self.log("step", float(iteration), sync_dist=False)
 
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.SGD(
@@ -197,10 +213,10 @@ class SegmentationModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._count_logged_steps:
             return
-        # Lightning adds one to its count of optimiser steps (the step of each logged row) when
-        # it restores a checkpoint, since one written during training predates the count's
-        # update; one written after training (last.ckpt of a finished run, resumed with a longer
-        # max_iters) is counted already, and its rows would be logged one step late. At the
+        # Lightning adds one to its count of optimiser steps (which decides the iterations
+        # train.log_every logs) when it restores a checkpoint, since one written during training
+        # predates the count's update; one written after training (last.ckpt of a finished run,
+        # resumed with a longer max_iters) is counted already, and it would log other iterations. At the
         # first batch the count is the number of steps taken, whichever checkpoint it was.
         self._count_logged_steps = False
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step

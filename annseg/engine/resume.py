@@ -37,7 +37,8 @@ RESUME_RULES: dict[str, Rule] = {
     "train.max_iters": MAY, "train.lr": MAY, "train.momentum": MAY, "train.weight_decay": MAY, "train.power": MAY,
     "train.aux_weight": MUST, "train.ohem": MUST, "train.ohem_threshold": MUST, "train.ohem_min_kept": MUST,
     "train.class_weights": MUST, "train.precision": MUST, "train.accumulate": MUST,
-    "train.checkpoint_every": MAY, "train.val_every": MAY, "train.log_every": MAY, "train.seed": MUST,
+    "train.checkpoint_every": MAY, "train.keep_checkpoints": MAY, "train.val_every": MAY, "train.log_every": MAY,
+    "train.seed": MUST,
     "train.deterministic": MAY, "train.skip_nonfinite": MAY, "train.init_from": MAY,
     # eval: test-time inference only
     "eval.mode": MAY, "eval.crop_size": MAY, "eval.stride": MAY, "eval.scales": MAY, "eval.flip": MAY,
@@ -52,7 +53,8 @@ def config_keys() -> list[str]:
             for field in dataclasses.fields(sections[section.name])]
 
 
-def _values(config: Config) -> dict[str, Any]:
+def config_values(config: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every key of ``config`` (``config_keys``)."""
     plain = config.to_dict()
     return {key: plain[key.split(".")[0]][key.split(".")[1]] for key in config_keys()}
 
@@ -67,7 +69,7 @@ def check_same_run(saved: Config, config: Config, source: str, what: str = "--re
                    keys: list[str] | None = None, advice: str = "a resumed run must keep it") -> None:
     """Raise ConfigError naming the first must-match key that differs between ``saved`` (the
     config recorded in ``source``) and this run's ``config``; ``keys`` limits the check."""
-    old, new = _values(saved), _values(config)
+    old, new = config_values(saved), config_values(config)
     for key in keys or config_keys():
         if _rule(key) == MUST and old[key] != new[key]:
             was, now = show_value(old[key]), show_value(new[key])
@@ -79,7 +81,7 @@ def check_same_run(saved: Config, config: Config, source: str, what: str = "--re
 
 def changed_settings(saved: Config, config: Config) -> list[tuple[str, Any, Any]]:
     """The may-change keys whose value differs: ``(key, old, new)`` for the log."""
-    old, new = _values(saved), _values(config)
+    old, new = config_values(saved), config_values(config)
     return [(key, old[key], new[key]) for key in config_keys() if _rule(key) == MAY and old[key] != new[key]]
 
 

@@ -23,6 +23,7 @@ from annseg.engine.builders import build_model
 from annseg.engine.checkpoint import (
     AtomicCheckpointIO,
     atomic_file,
+    ITERATION_FILE,
     latest_checkpoint,
     load_model,
     model_meta,
@@ -30,7 +31,7 @@ from annseg.engine.checkpoint import (
     remove_partial_writes,
 )
 from annseg.engine.config import Config, ConfigError, TrainConfig, config_from_dict, dump_config, load_config
-from annseg.engine.resume import RESUME_RULES, changed_settings, check_same_run, show_value
+from annseg.engine.resume import RESUME_RULES, changed_settings, check_same_run, config_values, show_value
 from annseg.engine.datamodule import SegmentationDataModule
 from annseg.engine.module import SegmentationModule
 from annseg.losses import ANNLoss
@@ -176,21 +177,22 @@ def read_log(out_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), rows
 
 
-def csv_logger(out_dir: Path, keep_before: int | None) -> CSVLogger:
-    """``<out>/logs/metrics.csv``; a resumed run keeps the rows logged before step ``keep_before``.
+def csv_logger(out_dir: Path, keep_through: int | None) -> CSVLogger:
+    """``<out>/logs/metrics.csv``; a resumed run keeps the rows up to step ``keep_through``, the
+    iteration it resumes from (a row's step is an iteration: ``SegmentationModule``).
 
     Later rows are dropped (the run logs those iterations again); the file is replaced whole,
     so a kill leaves either the old history or the trimmed one.
     """
     logger = CSVLogger(out_dir, name="logs", version="")
     path = _csv_path(out_dir)
-    if keep_before is None or rank_zero_only.rank != 0 or not path.is_file():
+    if keep_through is None or rank_zero_only.rank != 0 or not path.is_file():
         return logger
     header, rows = read_log(out_dir)
     text = io.StringIO(newline="")
     table = csv.DictWriter(text, fieldnames=header)
     table.writeheader()
-    table.writerows(row for row in rows if int(row["step"]) < keep_before)
+    table.writerows(row for row in rows if int(row["step"]) <= keep_through)
     write_text(path, text.getvalue())
     writer = _ContinuingCSVWriter(logger.log_dir)
     writer.metrics_keys = header
@@ -199,22 +201,18 @@ def csv_logger(out_dir: Path, keep_before: int | None) -> CSVLogger:
 
 
 def missing_validation(rows: list[dict[str, str]], step: int, train: TrainConfig) -> int | None:
-    """The log step of the validation due right after the checkpoint at iteration ``step``, when
-    ``rows`` (metrics.csv) lack it: a kill during that validation loses its row, since the
+    """``step`` when the validation due right after the checkpoint at iteration ``step`` is missing
+    from ``rows`` (metrics.csv): a kill during that validation loses its row, since the
     checkpoint is written first. None when none was due or its row is there.
 
-    A validation during training is logged at step - 1 (Lightning counts the step after it),
-    the final one after training (when max_iters is no multiple of val_every) at step. A
-    finished run has its final validation when either row is there.
+    A validation is logged at the iteration it scores, during training (every val_every) and
+    after it (the final one, when max_iters is no multiple of val_every).
     """
-    logged_at = step - 1 if step % train.val_every == 0 else step
-    finished = step >= train.max_iters
-    if not finished and step % train.val_every:
+    if step < train.max_iters and step % train.val_every:
         return None
-    wanted = {step - 1, step} if finished else {logged_at}
-    if any(int(row["step"]) in wanted and row.get("val/mIoU") for row in rows):
+    if any(int(row["step"]) == step and row.get("val/mIoU") for row in rows):
         return None
-    return logged_at
+    return step
 
 
 def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
@@ -247,8 +245,9 @@ def fit(
     """Train ``config`` into ``out_dir``; returns the final validation scores (every rank).
 
     ``out_dir`` receives ``config.yaml``, ``checkpoints/`` (``iter_NNNNNN.ckpt`` every
-    ``train.checkpoint_every`` iterations and ``last.ckpt``), ``logs/`` (CSV and TensorBoard)
-    and ``metrics.json``. ``progress``: refresh the progress bar every this many iterations
+    ``train.checkpoint_every`` iterations, the newest ``train.keep_checkpoints`` kept, ``last.ckpt``
+    and ``best.ckpt``: ``RunCheckpoints``), ``logs/`` (CSV and TensorBoard, with the config as
+    hyper-parameters) and ``metrics.json``. ``progress``: refresh the progress bar every this many iterations
     (0 = no bar), or a Lightning progress bar to use (``engine.progress.LineProgressBar`` for logs).
 
     ``resume`` continues a run (``resolve_resume``): its must-match settings are checked, a
@@ -276,16 +275,22 @@ def fit(
     finished = step is not None and step >= train.max_iters
     pending = None if step is None else missing_validation(read_log(out_dir)[1], step, train)
     # a finished run keeps its final validation's row (logged at its last step)
-    trainer = _trainer(config, out_dir, hardware, progress, keep_log_before=None if step is None else step + finished)
+    trainer = _trainer(config, out_dir, hardware, progress, keep_log_through=step)
+    checkpoints = trainer.checkpoint_callback
+    assert isinstance(checkpoints, RunCheckpoints)
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", dump_config(config))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hyperparameters(config))
     if pending is not None:
-        assert checkpoint is not None and step is not None
+        assert checkpoint is not None and ckpt_path is not None
         log.info("resume: the validation after iteration %d is missing from %s (the run stopped during it); "
-                 "validating again", step, _csv_path(out_dir))
-        _log_at(trainer, checkpoint, pending)
+                 "validating again", pending, _csv_path(out_dir))
+        checkpoints.load_best(checkpoint)  # the Trainer restores the weights only
+        module.validated_iteration, checkpoints.source = pending, ckpt_path
         trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        module.validated_iteration = checkpoints.source = None
     if finished:
         assert step is not None
         log.info("the run in %s is already complete (iteration %d, train.max_iters %d); nothing left to train; "
@@ -303,9 +308,11 @@ def fit(
                 raise KeyboardInterrupt(f"the checkpoints in {out_dir / 'checkpoints'} are whole; continue with "
                                         "--resume latest") from None
             raise
-        trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+        last = out_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last)
         step = trainer.global_step
         if module.val_scores is None or step % train.val_every:
+            checkpoints.source = last  # a best.ckpt from this validation is a copy of it
             trainer.validate(module, datamodule=datamodule, verbose=False)
     scores = saved if saved is not None else {
         **(module.val_scores or {}), "iterations": step, "skipped_iterations": module.skipped_iterations}
@@ -316,16 +323,13 @@ def fit(
 
 
 def _trainer(config: Config, out_dir: Path, hardware: Hardware, progress: int,
-             keep_log_before: int | None) -> L.Trainer:
+             keep_log_through: int | None) -> L.Trainer:
     """The Lightning Trainer of a run: one epoch of ``train.max_iters`` iterations, checkpoints
-    every ``train.checkpoint_every``, CSV and TensorBoard logs (``csv_logger``)."""
+    every ``train.checkpoint_every`` (``RunCheckpoints``), CSV and TensorBoard logs (``csv_logger``)."""
     train = config.train
     distributed = hardware.num_nodes > 1 or (isinstance(hardware.devices, int) and hardware.devices > 1)
     on_gpu = hardware.accelerator in ("gpu", "cuda") or (hardware.accelerator == "auto" and torch.cuda.is_available())
-    checkpoints = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="iter_{step:06d}", every_n_train_steps=train.checkpoint_every,
-        save_top_k=-1, save_last=True, auto_insert_metric_name=False,
-    )
+    checkpoints = RunCheckpoints(out_dir / "checkpoints", train.checkpoint_every, train.keep_checkpoints)
     return L.Trainer(
         accelerator=hardware.accelerator, devices=hardware.devices, num_nodes=hardware.num_nodes,
         strategy="ddp" if distributed else "auto",
@@ -335,17 +339,94 @@ def _trainer(config: Config, out_dir: Path, hardware: Hardware, progress: int,
         check_val_every_n_epoch=None, log_every_n_steps=train.log_every, num_sanity_val_steps=0,
         deterministic="warn" if train.deterministic else False, use_distributed_sampler=False,
         callbacks=[checkpoints, *_progress_bar(progress)],
-        logger=[csv_logger(out_dir, keep_log_before), TensorBoardLogger(out_dir, name="logs", version="")],
+        logger=[csv_logger(out_dir, keep_log_through),
+                TensorBoardLogger(out_dir, name="logs", version="", default_hp_metric=False)],
         plugins=[AtomicCheckpointIO()], default_root_dir=out_dir, enable_model_summary=False,
         enable_progress_bar=bool(progress),
     )
 
 
-def _log_at(trainer: L.Trainer, checkpoint: dict[str, Any], step: int) -> None:
-    """Log the next validation at ``step`` and in the checkpoint's epoch, as during training."""
-    loop = trainer.fit_loop
-    loop.epoch_progress.load_state_dict(checkpoint["loops"]["fit_loop"]["epoch_progress"])
-    loop.epoch_loop._batches_that_stepped = step
+def hyperparameters(config: Config) -> dict[str, Any]:
+    """The config as the loggers' hyper-parameters (``logs/hparams.yaml``): ``section.key: value``."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return {key: plain(value) for key, value in config_values(config).items()}
+
+
+class RunCheckpoints(ModelCheckpoint):
+    """The checkpoints of a run in ``folder``: ``iter_NNNNNN.ckpt`` every ``every`` iterations, of
+    which the newest ``keep`` stay (0: none, -1: all), ``last.ckpt`` beside each, and ``best.ckpt``.
+
+    Old ``iter_*`` files are removed by listing the folder after each write, not from Lightning's
+    top-k bookkeeping, so files from before a resume, or left by a kill between a write and a
+    removal, are pruned as well; the newest are always whole before an older one goes.
+
+    ``best.ckpt`` is the whole state (network, optimiser, schedule) at the iteration whose
+    validation had the highest mIoU so far, written when a validation improves on it
+    (``validated``). The best score travels in every checkpoint (this callback's state), so a
+    resumed run compares with the runs before it. ``source``: the checkpoint of the iteration
+    being validated when the Trainer is not training (a validation after training or repeated
+    on resume), which best.ckpt then copies.
+    """
+
+    BEST = "best.ckpt"
+
+    def __init__(self, folder: Path, every: int, keep: int) -> None:
+        super().__init__(dirpath=folder, filename="iter_{step:06d}", every_n_train_steps=every,
+                         save_top_k=0 if keep == 0 else -1, save_last=True, auto_insert_metric_name=False,
+                         enable_version_counter=False)  # a checkpoint is replaced, never saved as last-v1.ckpt
+        self.keep = keep
+        self.best_miou: float | None = None
+        self.best_iteration: int | None = None
+        self.source: Path | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "RunCheckpoints"  # the same whatever the settings: a resume may change them
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_mIoU": self.best_miou, "best_iteration": self.best_iteration}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._take_best(state_dict)
+
+    def load_best(self, checkpoint: dict[str, Any]) -> None:
+        """The best score recorded in a training checkpoint (for a validation outside ``fit``)."""
+        self._take_best(checkpoint.get("callbacks", {}).get(self.state_key, {}))
+
+    def _take_best(self, state: dict[str, Any]) -> None:
+        score = state.get("best_mIoU")
+        if score is not None and (self.best_miou is None or score > self.best_miou):
+            self.best_miou, self.best_iteration = float(score), state.get("best_iteration")
+
+    def validated(self, trainer: L.Trainer, iteration: int, miou: float) -> None:
+        """Write ``best.ckpt`` when ``miou``, the validation of ``iteration``, beats the best so far."""
+        better = math.isfinite(miou) and (self.best_miou is None or miou > self.best_miou)
+        if not trainer.strategy.broadcast(better, src=0):  # every rank takes rank 0's decision
+            return
+        self.best_miou, self.best_iteration = float(miou), iteration
+        path = Path(self.dirpath) / self.BEST
+        if self.source is None:
+            trainer.save_checkpoint(path)
+        elif trainer.is_global_zero:
+            content = read_checkpoint(self.source)
+            content.setdefault("callbacks", {})[self.state_key] = self.state_dict()
+            AtomicCheckpointIO().save_checkpoint(content, path)
+        log.info("iteration %d: val/mIoU %.4f is the best so far; saved %s", iteration, miou, path)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep > 0 and trainer.is_global_zero:
+            numbered = sorted((int(m.group(1)), p) for p in Path(self.dirpath).glob("iter_*.ckpt")
+                              if (m := ITERATION_FILE.fullmatch(p.name)))
+            for _, old in numbered[:-self.keep]:
+                trainer.strategy.remove_checkpoint(old)
 
 
 def _read_scores(path: Path) -> dict[str, Any] | None:

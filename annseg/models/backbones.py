@@ -123,20 +123,61 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     every other key must be there with its shape, and no key may be foreign. ResNets also load
     from torchvision (same key names) and OpenMMLab (mmpretrain / mmcv ResNetV1c, or a whole
     mmseg model): with ``backbone.*`` keys only those are read, and the deep stem's ``stem.*``
-    keys are renamed to timm's.
+    keys are renamed to timm's, as are those of the authors' deep-base stem (``conv1`` ...
+    ``bn3``). A file that fits another of annseg's ResNets says which (``resnet_in_state_dict``).
     """
     state = read_state_dict(path, "backbone weights")
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if backbone.name in RESNETS:
-        state = openmmlab_resnet_to_timm(state)
+        state = openmmlab_resnet_to_timm(deep_base_resnet_to_timm(state))
+    hint = f"Pass a state dict of timm's {backbone.timm_name!r}"
+    if backbone.name in RESNETS:
+        hint += ", torchvision or OpenMMLab whose stem and depth match the backbone."
+        held = resnet_in_state_dict(state)
+        if held is not None and held[0] != backbone.name:
+            hint = f"The file holds {held[1]}: use backbone {held[0]!r} (--set model.backbone={held[0]}), or {hint[0].lower()}{hint[1:]}"
     to_model, ignored = _timm_key_names(backbone)
     state = {to_model.get(k, k): v for k, v in state.items() if k not in ignored}
     to_timm = {ours: theirs for theirs, ours in to_model.items()}
-    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.timm_name!r}",
-                 hint=f"Pass a state dict of timm's {backbone.timm_name!r}"
-                      + (", torchvision or OpenMMLab whose stem and depth match the backbone." if backbone.name in RESNETS else "."),
+    load_exactly(backbone.body, state, f"backbone weights {path}", f"timm {backbone.timm_name!r}", hint=hint,
                  names=lambda key: to_timm.get(key, key))
+
+
+# (blocks per stage, bottleneck blocks) -> depth of the standard ResNets
+_RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+                  ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
+# the stem, as timm's name suffix ("" for the plain stem), in words
+_STEMS = {"plain": "the plain 7x7 stem (timm / torchvision resnetNN)",
+          "c": "the deep stem 3->32->32->64 (OpenMMLab ResNetV1c, timm resnetNNc)",
+          "s": "the deep-base stem 3->64->64->128 (the authors' resnetNN-deep, timm resnetNNs)"}
+
+
+def resnet_in_state_dict(state: Mapping[str, Tensor]) -> tuple[str, str] | None:
+    """The backbone that fits a ResNet state dict with timm's key names, read from its stem and
+    block counts: ``(name, description)``, e.g. ``("resnet50v1b", "a ResNet-50 with the plain 7x7
+    stem ...")``. The name is annseg's where it has one, else ``timm:resnetNN``. None when the
+    file is no standard ResNet.
+
+    The stem's first conv tells the three apart: ``conv1.weight`` 7x7 is the plain stem,
+    ``conv1.0.weight`` (32, 3, 3, 3) the ResNetV1c deep stem, (64, 3, 3, 3) the deep-base stem.
+    """
+    if "conv1.weight" in state and state["conv1.weight"].shape[-2:] == (7, 7):
+        stem = "plain"
+    elif "conv1.0.weight" in state and tuple(state["conv1.0.weight"].shape) in ((32, 3, 3, 3), (64, 3, 3, 3)):
+        stem = "c" if state["conv1.0.weight"].shape[0] == 32 else "s"
+    else:
+        return None
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()),
+                           default=-1) for i in range(1, 5))
+    depth = _RESNET_DEPTHS.get((blocks, "layer1.0.conv3.weight" in state))
+    if depth is None:
+        return None
+    ours = [name for name, theirs in RESNETS.items() if theirs == f"resnet{depth}{'' if stem == 'plain' else stem}"]
+    name = ours[0] if ours else f"{TIMM_PREFIX}resnet{depth}{'' if stem == 'plain' else stem}"
+    if not ours and not timm.is_model(name.removeprefix(TIMM_PREFIX)):
+        return None
+    return name, f"a ResNet-{depth} with {_STEMS[stem].replace('NN', str(depth))}"
 
 
 def _timm_key_names(backbone: Backbone) -> tuple[dict[str, str], set[str]]:
@@ -164,6 +205,24 @@ def _timm_key_names(backbone: Backbone) -> tuple[dict[str, str], set[str]]:
 # two convs' BNs inside ``conv1`` and names the last BN ``bn1``.
 _STEM_TO_TIMM = {"stem.0.": "conv1.0.", "stem.1.": "conv1.1.", "stem.3.": "conv1.3.", "stem.4.": "conv1.4.",
                  "stem.6.": "conv1.6.", "stem.7.": "bn1."}
+
+
+# The authors' deep-base ResNet (and PSPNet's / CCNet's ImageNet files) names its stem's
+# three conv + BN pairs at the top level: conv1 bn1 conv2 bn2 conv3 bn3.
+_DEEP_BASE_TO_TIMM = {"conv1.": "conv1.0.", "bn1.": "conv1.1.", "conv2.": "conv1.3.", "bn2.": "conv1.4.",
+                      "conv3.": "conv1.6.", "bn3.": "bn1."}
+
+
+def deep_base_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A deep-base ResNet with the stem named ``conv1 bn1 conv2 bn2 conv3 bn3`` in timm's names
+    (a top-level ``conv3.weight`` marks it: timm's and torchvision's have none); others unchanged."""
+    if "conv3.weight" not in state:
+        return dict(state)
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in _DEEP_BASE_TO_TIMM if key.startswith(p)), None)
+        renamed[key if prefix is None else _DEEP_BASE_TO_TIMM[prefix] + key[len(prefix):]] = value
+    return renamed
 
 
 def openmmlab_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -96,8 +96,14 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
     assert not different, f"seed {SEED}: resumed weights differ in {different[:5]}"
     assert json.loads((out / "metrics.json").read_text()) == json.loads((tmp_path / "reference" / "metrics.json").read_text())
     logged, once = _rows(out), _rows(tmp_path / "reference")  # the CSV log, whole and without repeats
-    assert [(r["epoch"], r["step"], r["val/mIoU"]) for r in logged] == [(r["epoch"], r["step"], r["val/mIoU"]) for r in once]
-    assert [r["step"] for r in logged if r["val/mIoU"]] == ["5", "10"]  # each validation's row exactly once
+    assert [(r["step"], r["val/mIoU"]) for r in logged] == [(r["step"], r["val/mIoU"]) for r in once]
+    assert [r["step"] for r in logged if r["val/mIoU"]] == ["6", "10"]  # each validation's row exactly once
+    # the kept checkpoints and best.ckpt are those of the uninterrupted run
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == sorted(
+        p.name for p in (tmp_path / "reference" / "checkpoints").glob("*.ckpt"))
+    best, reference_best = (read_checkpoint(run / "checkpoints" / "best.ckpt") for run in (out, tmp_path / "reference"))
+    assert best["global_step"] == reference_best["global_step"]
+    assert all(torch.equal(best["state_dict"][k], reference_best["state_dict"][k]) for k in best["state_dict"])
 
 
 def test_ctrl_c_stops_with_a_line_saying_how_to_resume(tmp_path: Path) -> None:

@@ -64,17 +64,19 @@ def test_changed_lr_and_longer_run_follow_the_schedule_from_the_resumed_iteratio
     assert "resume: train.lr 0.02 -> 0.01 from iteration 4" in caplog.text
     assert "resume: train.val_every" not in caplog.text  # only what changed
     logged = [(int(r["step"]), float(r["train/lr"])) for r in rows(run) if r["train/lr"]]
-    # Rows are logged at the step count before an iteration: its lr. Until 4 the old settings.
-    assert [s for s, _ in logged] == [1, 3, 5, 7]
+    # A row's step is the iteration it completes, which used the lr after step - 1 iterations.
+    # Until 4 the old settings.
+    assert [s for s, _ in logged] == [2, 4, 6, 8]
     for step, lr in logged:
-        expected = 0.02 * poly_factor(step, 4, 0.9) if step < 4 else 0.01 * poly_factor(step, 8, 0.9)
+        done = step - 1
+        expected = 0.02 * poly_factor(done, 4, 0.9) if done < 4 else 0.01 * poly_factor(done, 8, 0.9)
         assert lr == pytest.approx(expected, rel=1e-6) and lr > 0, step
     at_6 = read_checkpoint(run / "checkpoints" / "iter_000006.ckpt")  # the lr of iteration 7
     assert at_6["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.01 * poly_factor(6, 8, 0.9))
     checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 8
     assert checkpoint["lr_schedulers"][0]["max_iters"] == 8 and checkpoint["lr_schedulers"][0]["base_lrs"] == [0.01]
-    assert [r["step"] for r in rows(run) if r["val/mIoU"]] == ["1", "3", "5", "7"]  # 2, 4, 6, 8: each once
+    assert [r["step"] for r in rows(run) if r["val/mIoU"]] == ["2", "4", "6", "8"]  # each once
 
 
 def test_resuming_a_finished_run_changes_nothing(run: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -90,7 +92,7 @@ def test_a_validation_killed_after_the_last_checkpoint_is_repeated_once(
     """Killed during the final validation: last.ckpt is the one written just before it (as
     iter_000004.ckpt), the CSV lacks the validation's row and metrics.json is not there."""
     complete, scores = rows(run), json.loads((run / "metrics.json").read_text())
-    assert complete[-1]["step"] == "3" and complete[-1]["val/mIoU"]
+    assert complete[-1]["step"] == "4" and complete[-1]["val/mIoU"]
     shutil.copy(run / "checkpoints" / "iter_000004.ckpt", run / "checkpoints" / "last.ckpt")
     path = run / "logs" / "metrics.csv"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))

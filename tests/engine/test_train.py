@@ -8,6 +8,7 @@ import torch
 from annseg.engine import fit, load_config, load_model, read_checkpoint
 from annseg.engine.datamodule import IterationDataset, IterationSampler
 from annseg.engine.module import poly_factor
+from annseg.engine.train import hyperparameters, read_log
 from annseg.data import Synthetic
 from tests.engine.tiny import TINY
 
@@ -26,7 +27,7 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     scores = fit(config, tmp_path / "full", progress=0)
     full = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in full.iterdir()) == [
-        "iter_000002.ckpt", "iter_000004.ckpt", "iter_000006.ckpt", "last.ckpt"]
+        "best.ckpt", "iter_000002.ckpt", "iter_000004.ckpt", "iter_000006.ckpt", "last.ckpt"]
     assert scores["iterations"] == 6 and 0.0 <= scores["mIoU"] <= 1.0
     assert (tmp_path / "full" / "logs" / "metrics.csv").is_file()
     assert any((tmp_path / "full" / "logs").glob("events.out.tfevents*"))
@@ -39,6 +40,9 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     shutil.copy(full / "iter_000002.ckpt", tmp_path / "cut" / "checkpoints" / "last.ckpt")
     shutil.copytree(tmp_path / "full" / "logs", tmp_path / "cut" / "logs")
     fit(config, tmp_path / "cut", resume="latest", progress=0)
+    # the copied checkpoint names another folder: last.ckpt is still replaced, not versioned
+    assert _iteration_files(tmp_path / "cut" / "checkpoints") == [
+        "best.ckpt", "iter_000004.ckpt", "iter_000006.ckpt", "last.ckpt"]
     resumed, expected = _weights(tmp_path / "cut" / "checkpoints" / "last.ckpt"), _weights(full / "last.ckpt")
     assert resumed.keys() == expected.keys()
     for key in expected:
@@ -50,13 +54,79 @@ def test_training_runs_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
     # The CSV log keeps the rows from before the checkpoint and logs the rest once, as one run.
     rows, uninterrupted = _csv(tmp_path / "cut" / "logs" / "metrics.csv"), _csv(tmp_path / "full" / "logs" / "metrics.csv")
-    assert [(r["epoch"], r["step"]) for r in rows] == [(r["epoch"], r["step"]) for r in uninterrupted]
-    assert rows[0] == uninterrupted[0] and int(rows[0]["step"]) < 2
+    assert [r["step"] for r in rows] == [r["step"] for r in uninterrupted]
+    assert rows[0] == uninterrupted[0] and int(rows[0]["step"]) <= 2
     assert [r["val/mIoU"] for r in rows] == [r["val/mIoU"] for r in uninterrupted]
 
     model, meta = load_model(full / "last.ckpt")
     assert meta["classes"] == list(Synthetic.classes) and meta["config"] == config
     assert not model.training
+
+
+def _iteration_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run checkpointed every iteration, validated every 2, stopped at 4 and resumed to 7."""
+    out = tmp_path_factory.mktemp("pruned")
+    settings = [*TINY, "train.checkpoint_every=1", "train.val_every=2", "train.log_every=2"]
+    fit(load_config(None, [*settings, "train.max_iters=4"]), out, progress=0)
+    assert _iteration_files(out / "checkpoints") == [
+        "best.ckpt", "iter_000002.ckpt", "iter_000003.ckpt", "iter_000004.ckpt", "last.ckpt"]
+    fit(load_config(None, [*settings, "train.max_iters=7"]), out, resume="latest", progress=0)
+    return out
+
+
+def test_keep_checkpoints_keeps_the_newest_three_across_a_resume(pruned_run: Path) -> None:
+    # the files from before the resume (iterations 2 to 4) are pruned too
+    assert _iteration_files(pruned_run / "checkpoints") == [
+        "best.ckpt", "iter_000005.ckpt", "iter_000006.ckpt", "iter_000007.ckpt", "last.ckpt"]
+    assert read_checkpoint(pruned_run / "checkpoints" / "last.ckpt")["global_step"] == 7
+
+
+def test_best_checkpoint_is_the_best_validation(pruned_run: Path) -> None:
+    validations = [(int(r["step"]), float(r["val/mIoU"])) for r in _csv(pruned_run / "logs" / "metrics.csv")
+                   if r["val/mIoU"]]
+    assert [step for step, _ in validations] == [2, 4, 6, 7]  # 7: the final validation after training
+    best = max(score for _, score in validations)
+    best_step = next(step for step, score in validations if score == best)  # the first to reach it
+    checkpoint = read_checkpoint(pruned_run / "checkpoints" / "best.ckpt")
+    assert checkpoint["global_step"] == best_step
+    assert checkpoint["callbacks"]["RunCheckpoints"]["best_mIoU"] == pytest.approx(best, abs=1e-6)
+    model, _ = load_model(pruned_run / "checkpoints" / "best.ckpt")  # a whole, loadable checkpoint
+    assert not model.training
+
+
+@pytest.mark.parametrize("keep, expected", [(0, []), (-1, [f"iter_00000{i}.ckpt" for i in range(1, 5)])])
+def test_keep_checkpoints_none_or_all(tmp_path: Path, keep: int, expected: list[str]) -> None:
+    config = load_config(None, [*TINY, "train.checkpoint_every=1", f"train.keep_checkpoints={keep}"])
+    fit(config, tmp_path, progress=0)
+    assert _iteration_files(tmp_path / "checkpoints") == sorted(["best.ckpt", "last.ckpt", *expected])
+
+
+def test_log_steps_are_checkpoint_iterations(pruned_run: Path) -> None:
+    header, rows = read_log(pruned_run)
+    assert "epoch" not in header
+    assert [r["step"] for r in rows if r["train/loss"]] == ["2", "4", "6"]  # log_every=2: iterations 2, 4, 6
+    classes = list(Synthetic.classes)
+    assert sorted(f"val/IoU/{name}" for name in classes) == sorted(k for k in header if k.startswith("val/IoU/"))
+    for row in rows:
+        if row["val/mIoU"]:
+            ious = [float(row[f"val/IoU/{name}"]) for name in classes]
+            present = [iou for iou in ious if iou == iou]  # NaN: a class in neither target nor prediction
+            assert float(row["val/mIoU"]) == pytest.approx(sum(present) / len(present), abs=1e-6)
+
+
+def test_hparams_yaml_holds_the_config(pruned_run: Path) -> None:
+    import yaml
+
+    hparams = yaml.safe_load((pruned_run / "logs" / "hparams.yaml").read_text())
+    config = load_config(pruned_run / "config.yaml")
+    assert hparams["train.max_iters"] == 7 and hparams["train.keep_checkpoints"] == 3
+    assert hparams == hyperparameters(config)
+    assert {key.split(".")[0] for key in hparams} == set(config.to_dict())
 
 
 def test_resume_errors_name_the_file(tmp_path: Path) -> None:

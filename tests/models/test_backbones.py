@@ -127,6 +127,45 @@ def test_stem_mismatch_lists_the_keys(tmp_path):
         create_model("fcn_resnet50", backbone_weights=path)
 
 
+def test_a_plain_stem_file_given_to_the_deep_stem_suggests_resnet50v1b(tmp_path):
+    path = _save(tmp_path / "timm_resnet50.pth", _timm_state("resnet50"))
+    with pytest.raises(ValueError, match=r"timm_resnet50.pth does not match timm 'resnet50c'.*missing keys: conv1\.0\.weight"
+                                         r".*holds a ResNet-50 with the plain 7x7 stem.*use backbone 'resnet50v1b'"):
+        create_model("fcn_resnet50", backbone_weights=path)
+
+
+@pytest.mark.parametrize("timm_name, expected", [
+    ("resnet18", "resnet18"), ("resnet34", "timm:resnet34"), ("resnet50", "resnet50v1b"),
+    ("resnet101", "resnet101v1b"), ("resnet50c", "resnet50"), ("resnet101c", "resnet101"),
+    ("resnet50s", "resnet50s"), ("resnet101s", "resnet101s"), ("resnet152c", "timm:resnet152c"),
+])
+def test_the_backbone_a_resnet_file_fits_is_read_from_its_stem_and_depth(timm_name, expected):
+    from annseg.models.backbones import resnet_in_state_dict
+
+    with torch.device("meta"):
+        state = timm.create_model(timm_name, pretrained=False).state_dict()
+    name, words = resnet_in_state_dict(state)
+    assert name == expected and f"ResNet-{timm_name[6:9].rstrip('cs')}" in words
+    if not name.startswith("timm:"):  # the suggested backbone's own keys are exactly the file's
+        from annseg.models.backbones import RESNETS
+
+        assert RESNETS[name] == timm_name
+    assert resnet_in_state_dict({"weight": torch.zeros(1)}) is None
+
+
+def test_the_authors_deep_base_stem_names_load_into_resnet50s(tmp_path):
+    """conv1 bn1 conv2 bn2 conv3 bn3 at the top level (the authors' ImageNet file) -> timm's conv1.N / bn1."""
+    from annseg.models.backbones import _DEEP_BASE_TO_TIMM
+
+    state = {k: v.uniform_(-1, 1) if v.is_floating_point() else v for k, v in _timm_state("resnet50s").items()}
+    theirs = {ours: mine for mine, ours in _DEEP_BASE_TO_TIMM.items()}
+    authors = {next((theirs[p] + k[len(p):] for p in theirs if k.startswith(p)), k): v for k, v in state.items()}
+    assert "conv3.weight" in authors and "conv1.0.weight" not in authors
+    model = create_model("fcn_resnet50s", num_classes=3, backbone_weights=_save(tmp_path / "deep.pth", authors))
+    for key, value in model.backbone.body.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
 # ---- any timm CNN as the backbone -------------------------------------------------------
 from annseg.losses import ANNLoss  # noqa: E402
 from annseg.models import ANN, Backbone, resolve_backbone  # noqa: E402
