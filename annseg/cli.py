@@ -228,6 +228,9 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=_scale, nargs="+", default=None, help="test scales (config: eval.scales)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="add horizontally flipped views (config: eval.flip)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep every BatchNorm unfolded (default: folded into its conv for inference, "
+                             "the same function up to rounding)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
@@ -584,7 +587,7 @@ def _inference_setup(args: argparse.Namespace):
     from annseg.engine.config import apply_overrides, config_from_dict
 
     _require_default_checkpoint(args.checkpoint)
-    model, meta = load_model(args.checkpoint)
+    model, meta = load_model(args.checkpoint, fuse=not args.no_fuse)
     values = apply_overrides(meta["config"].to_dict(), args.overrides)
     for key, value in (("mode", args.mode), ("scales", args.scales), ("flip", args.flip)):
         if value is not None:

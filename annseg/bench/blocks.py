@@ -212,7 +212,7 @@ def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, th
             with torch.inference_mode():
                 block(*inputs)
 
-    with PeakMemory(device) as memory:
+    with PeakMemory(device, tensors=True) as memory:
         run()
     times = timed(run, device, repeats, warmup)
     prefix = "train_" if train else ""
@@ -220,6 +220,7 @@ def measure(case: BlockCase, device: torch.device, repeats: int, warmup: int, th
         f"{prefix}time_ms": statistics.median(times),
         f"{prefix}times_ms": [round(t, 3) for t in times],
         f"{prefix}peak_mib": memory.peak / 2**20,
+        f"{prefix}rss_peak_mib": memory.rss_peak / 2**20,
         "memory_method": memory.method,
     }
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import platform
 import resource
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def cpu_name() -> str:
@@ -59,15 +62,22 @@ def _sync(device: torch.device) -> None:
 class PeakMemory:
     """Peak memory above a baseline while a block of code runs, in bytes.
 
-    CUDA: ``max_memory_allocated`` after a reset. CPU: the process's resident-set high-water
-    mark (VmHWM), reset through /proc/self/clear_refs so that only the measured code counts;
-    where that reset is impossible, ``ru_maxrss`` (an upper bound that includes set-up).
+    CUDA: ``max_memory_allocated`` after a reset. CPU, ``tensors=True``: the most bytes of
+    tensor storage alive at once among the tensors created inside the block (``LiveTensors``),
+    the CPU's counterpart of CUDA's allocated memory: unlike the resident set, it does not
+    depend on what the C allocator keeps after a free. ``rss_peak`` then holds the resident-set
+    figure too. CPU otherwise: the process's resident-set high-water mark (VmHWM), reset
+    through /proc/self/clear_refs so that only the measured code counts; where that reset is
+    impossible, ``ru_maxrss`` (an upper bound that includes set-up).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, tensors: bool = False) -> None:
         self.device = device
-        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM"
+        self.tensors = tensors and device.type == "cpu"
+        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "tensors" if self.tensors else "VmHWM"
         self.peak = 0
+        self.rss_peak = 0
+        self._live: LiveTensors | None = None
 
     def __enter__(self) -> "PeakMemory":
         _sync(self.device)
@@ -78,19 +88,65 @@ class PeakMemory:
         self._base = _status_kib("VmRSS") * 1024
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self._rss_method = "VmHWM"
         except OSError:
-            self.method = "ru_maxrss"
+            self._rss_method = "ru_maxrss"
+            if not self.tensors:
+                self.method = "ru_maxrss"
+        if self.tensors:
+            self._live = LiveTensors().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         _sync(self.device)
         if self.device.type == "cuda":
-            top = torch.cuda.max_memory_allocated(self.device)
-        elif self.method == "VmHWM":
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        if self._live is not None:
+            self._live.__exit__(*exc)
+        if self._rss_method == "VmHWM":
             top = _status_kib("VmHWM") * 1024
         else:
             top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.peak = max(0, top - self._base)
+        self.rss_peak = max(0, top - self._base)
+        self.peak = self._live.peak if self._live is not None else self.rss_peak
+
+
+class LiveTensors(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once, among storages created while it is active.
+
+    Every op's outputs are seen through torch's dispatcher (the CPU autograd engine runs the
+    backward in the calling thread, so backward ops are seen too); a storage counts from its
+    creation until it is freed. Storages that existed before (the model, its inputs) do not
+    count; scratch memory a kernel allocates and frees inside one op is not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sizes: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        # An output sharing an input's storage (a view, an in-place op) allocated nothing.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in inputs or key in self._sizes:
+                continue
+            self._sizes[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            weakref.finalize(storage, self._freed, key)
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _freed(self, key: int) -> None:
+        self.current -= self._sizes.pop(key, 0)
 
 
 def _status_kib(field: str) -> int:

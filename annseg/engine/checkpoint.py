@@ -198,10 +198,12 @@ def remove_partial_writes(folder: str | Path) -> list[Path]:
     return stray
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, *, fuse: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The trained network of an annseg checkpoint (eval mode, CPU) and its metadata.
 
-    Metadata: ``config`` (a Config), ``classes``, ``palette``, ``normalization``.
+    Metadata: ``config`` (a Config), ``classes``, ``palette``, ``normalization``. ``fuse``:
+    fold the BatchNorms for inference (``ANN.fuse_for_inference``): faster, the same function
+    up to rounding, but the network can no longer be trained or its weights saved as trained.
     """
     checkpoint = read_checkpoint(path)
     meta = dict(checkpoint["annseg"])
@@ -215,4 +217,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit its model {meta['config'].model.name}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval(), meta
+    model.eval()
+    if fuse:
+        model.fuse_for_inference()
+    return model, meta

@@ -246,6 +246,8 @@ class TrainConfig:
     deterministic: bool = True
     skip_nonfinite: int = checked(0, Range(0, STEPS))  # iterations with a NaN/inf loss or gradient to skip
     init_from: str | None = checked(None, NON_EMPTY)  # fine-tuning: start at iteration 0 from this checkpoint's weights
+    checkpoint_backbone: bool = False  # recompute the backbone's activations in the backward: less memory, more time
+    compile: bool = False  # torch.compile the network (the first steps compile; the same function)
 
     def validate(self, prefix: str) -> None:
         """Class weights that are all zero would train on nothing."""

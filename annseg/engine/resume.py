@@ -40,6 +40,7 @@ RESUME_RULES: dict[str, Rule] = {
     "train.checkpoint_every": MAY, "train.keep_checkpoints": MAY, "train.val_every": MAY, "train.log_every": MAY,
     "train.seed": MUST,
     "train.deterministic": MAY, "train.skip_nonfinite": MAY, "train.init_from": MAY,
+    "train.checkpoint_backbone": MAY, "train.compile": MAY,
     # eval: test-time inference only
     "eval.mode": MAY, "eval.crop_size": MAY, "eval.stride": MAY, "eval.scales": MAY, "eval.flip": MAY,
     "eval.short_side": MAY, "eval.batch_size": MAY,

@@ -51,12 +51,13 @@ class Segmenter(nn.Module):
         self.eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, settings: EvalConfig | None = None) -> Segmenter:
+    def from_checkpoint(cls, path: str | Path, settings: EvalConfig | None = None, fuse: bool = True) -> Segmenter:
         """The model of an annseg checkpoint (from ``annseg train`` or ``save_model``), on the CPU.
 
-        ``settings`` default to the checkpoint's ``config.eval``.
+        ``settings`` default to the checkpoint's ``config.eval``. ``fuse`` (default): BatchNorms
+        folded into their convs (``ANN.fuse_for_inference``), the same function up to rounding.
         """
-        return cls.from_meta(*load_model(path), settings=settings)
+        return cls.from_meta(*load_model(path, fuse=fuse), settings=settings)
 
     @classmethod
     def from_meta(cls, network: nn.Module, meta: dict[str, Any], settings: EvalConfig | None = None) -> Segmenter:
@@ -173,10 +174,11 @@ def _as_rgb(image: ImageLike, where: str = "") -> Tensor:
                     "or a (3, H, W) tensor")
 
 
-def load(path: str | Path) -> Segmenter:
+def load(path: str | Path, fuse: bool = True) -> Segmenter:
     """``annseg.load(path)``: the ready model of an annseg checkpoint (eval mode, CPU).
 
     ``model.predict(image)`` labels an image, ``model.classes`` names the labels;
-    ``model.to("cuda")`` moves it.
+    ``model.to("cuda")`` moves it. Its BatchNorms are folded into their convolutions
+    (``fuse=False`` keeps them): the same function up to rounding, and faster.
     """
-    return Segmenter.from_checkpoint(path)
+    return Segmenter.from_checkpoint(path, fuse=fuse)

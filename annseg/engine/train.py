@@ -227,8 +227,12 @@ def build_module(config: Config, dataset: Dataset) -> SegmentationModule:
     loss = ANNLoss(train.aux_weight, train.ohem_threshold, train.ohem_min_kept,
                    class_weights=train.class_weights, ohem=train.ohem)
     meta = model_meta(config, classes, palette)
+    network = build_model(config.model, len(classes))
+    network.checkpoint_backbone = train.checkpoint_backbone
+    if train.compile:
+        network.compile()  # in place: the state dict keeps its keys
     return SegmentationModule(
-        build_model(config.model, len(classes)), loss, class_names=classes, lr=train.lr, momentum=train.momentum,
+        network, loss, class_names=classes, lr=train.lr, momentum=train.momentum,
         weight_decay=train.weight_decay, max_iters=train.max_iters, power=train.power, meta=meta,
         skip_nonfinite=train.skip_nonfinite,
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from annseg.layers.apnb import fold_for_inference
+from annseg.layers.apnb import finish_block, fold_for_inference
 from annseg.layers.attention import AttentionProbe, attention
-from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_together, to_map, to_tokens
+from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_and_sample, project_together, to_map, to_tokens
 from annseg.layers.pyramid import PyramidSampling
 
 
@@ -30,6 +30,8 @@ class AFNB(nn.Module):
         fusion: concat[W(O), X_high] -> 1x1 conv -> BN -> dropout (no ReLU). ``False`` returns W(O).
         conv_bias: bias in convolutions followed by BatchNorm.
         fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
+        fused_fusion: W and the fusion conv as one product, without W(O) or the concatenated
+            map (as ``APNB``; not with ``norm_after_w``, whose BatchNorm sits in between).
 
     Set ``probe`` (an ``AttentionProbe``) to record the attention weights of chosen high-level
     positions over the low-level anchors during the forward.
@@ -49,10 +51,12 @@ class AFNB(nn.Module):
         fusion: bool = True,
         conv_bias: bool = True,
         fused_attention: bool = True,
+        fused_fusion: bool = True,
     ) -> None:
         super().__init__()
         out_channels = high_channels if out_channels is None else out_channels
         self.fused_attention = fused_attention
+        self.fused_fusion = fused_fusion
         self.folded: FoldedOutput | None = None
         self.probe: AttentionProbe | None = None
         self.query = Projection(high_channels, key_channels, bias=conv_bias)
@@ -71,11 +75,11 @@ class AFNB(nn.Module):
     def forward(self, low: Tensor, high: Tensor) -> Tensor:
         H, W = high.shape[-2:]
         high_tokens = to_tokens(high)  # (B, N, C_high)
-        query = self.query(high_tokens)  # (B, N, Ck)
+        (query,), _ = project_and_sample(high, [self.query])  # (B, N, Ck); its gradient in high's layout
         if isinstance(self.sample, PyramidSampling):
-            key = self.key(to_tokens(low))  # (B, N_low, Ck)
             # Pool first, then project: exact, since sampling is linear and the projection affine.
-            anchor_values = self.value(self.sample(low).transpose(1, 2))  # (B, S, Cv)
+            (key,), pooled = project_and_sample(low, [self.key], self.sample)  # (B, N_low, Ck), (B, C_low, S)
+            anchor_values = self.value(pooled.transpose(1, 2))  # (B, S, Cv)
         else:  # every low-level position is an anchor: key and value in one matmul
             key, anchor_values = project_together(to_tokens(low), self.key, self.value)
         anchor_keys = self.sample(to_map(key, *low.shape[-2:])).transpose(1, 2)  # (B, S, Ck)
@@ -83,12 +87,7 @@ class AFNB(nn.Module):
             self.probe.record(query, anchor_keys, (H, W), tuple(low.shape[-2:]))
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
         del query, key, anchor_keys, anchor_values  # free them before the wide output is built
-        if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map
-            return to_map(self.folded(context, high_tokens), H, W)
-        out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init
-        if self.fuse is None:
-            return out
-        return self.fuse(torch.cat([out, high], dim=1))
+        return finish_block(self, context, high_tokens, high, (H, W))
 
     def fuse_for_inference(self) -> "AFNB":
         """Fold every BatchNorm into its conv, and W into the fusion conv (eval mode only).

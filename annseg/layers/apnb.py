@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from annseg.layers.attention import AttentionProbe, attention
-from annseg.layers.conv import FoldedOutput, Projection, conv_bn_act, project_together, to_map, to_tokens
+from annseg.layers.conv import (FoldedOutput, Projection, can_fuse_fusion, conv_bn_act, fused_fusion, project_and_sample,
+                                project_together, to_map, to_tokens)
 from annseg.layers.pyramid import PyramidSampling
 
 
@@ -30,6 +31,9 @@ class APNB(nn.Module):
             the attention part alone (what the paper's efficiency table measures).
         conv_bias: bias in convolutions followed by BatchNorm (the authors' code has one).
         fused_attention: ``scaled_dot_product_attention`` (default) or the plain reference.
+        fused_fusion: compute W and the fusion conv as one product (``conv.fused_fusion``),
+            in training too, so that neither W(O) nor concat[W(O), X] is built (default);
+            ``False`` builds them literally. The same function up to rounding.
 
     Set ``probe`` (an ``AttentionProbe``) to record the attention weights of chosen positions
     during the forward.
@@ -53,10 +57,12 @@ class APNB(nn.Module):
         fusion: bool = True,
         conv_bias: bool = True,
         fused_attention: bool = True,
+        fused_fusion: bool = True,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.fused_attention = fused_attention
+        self.fused_fusion = fused_fusion
         self.folded: FoldedOutput | None = None
         self.probe: AttentionProbe | None = None
         self.key = Projection(in_channels, key_channels, bias=conv_bias)
@@ -75,27 +81,23 @@ class APNB(nn.Module):
         H, W = x.shape[-2:]
         tokens = to_tokens(x)  # (B, N, C_in)
         # Projections that read the same tokens, as one matmul; the query may be the key.
-        same_input = [self.key, self.query, None if self.pooled else self.value]
-        projected = project_together(tokens, *(p for p in same_input if p is not None))
-        key = projected.pop(0)  # (B, N, Ck)
-        query = key if self.query is None else projected.pop(0)  # (B, N, Ck)
-        anchor_keys = self.sample(to_map(key, H, W)).transpose(1, 2)  # (B, S, Ck)
+        same_input = [p for p in (self.key, self.query) if p is not None]
         if self.pooled:
             # Sampling is linear and the value projection affine, so pooling X first gives the
             # same anchors as projecting all N positions, at S/N of the projection's cost.
-            anchor_values = self.value(self.sample(x).transpose(1, 2))  # (B, S, Cv)
+            projected, pooled = project_and_sample(x, same_input, self.sample)
+            anchor_values = self.value(pooled.transpose(1, 2))  # (B, S, Cv)
         else:
-            anchor_values = projected.pop(0)  # (B, N, Cv): every position is an anchor
+            projected = project_together(tokens, *same_input, self.value)
+            anchor_values = projected.pop()  # (B, N, Cv): every position is an anchor
+        key = projected.pop(0)  # (B, N, Ck)
+        query = key if self.query is None else projected.pop(0)  # (B, N, Ck)
+        anchor_keys = self.sample(to_map(key, H, W)).transpose(1, 2)  # (B, S, Ck)
         if self.probe is not None:  # the weights of a few queries, for a picture of them
             self.probe.record(query, anchor_keys, (H, W), (H, W))
         context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
         del query, key, anchor_keys, anchor_values  # free them before the wide output is built
-        if self.folded is not None:  # after fuse_for_inference(): W and fusion in one map
-            return to_map(self.folded(context, tokens), H, W)
-        out = to_map(self.out(context), H, W)  # W(O): (B, C_out, H, W), zero at init
-        if self.fuse is None:
-            return out
-        return self.fuse(torch.cat([out, x], dim=1))
+        return finish_block(self, context, tokens, x, (H, W))
 
     @property
     def pooled(self) -> bool:
@@ -109,6 +111,18 @@ class APNB(nn.Module):
         """
         fold_for_inference(self)
         return self
+
+
+def finish_block(block: nn.Module, context: Tensor, tokens: Tensor, x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Shared by APNB and AFNB: W and the fusion of the attention's (B, N, Cv) context with the input x."""
+    if block.folded is not None:  # after fuse_for_inference(): W and fusion in one map
+        return to_map(block.folded(context, tokens), *size)
+    if block.fused_fusion and can_fuse_fusion(block.out, block.fuse):
+        return fused_fusion(block.out, block.fuse, context, tokens, size)
+    out = to_map(block.out(context), *size)  # W(O): (B, C_out, H, W), zero at init
+    if block.fuse is None:
+        return out
+    return block.fuse(torch.cat([out, x], dim=1))
 
 
 def fold_for_inference(block: nn.Module) -> None:

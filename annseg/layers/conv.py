@@ -10,6 +10,8 @@ no re-ordered copy of a large input. The weights still live in ``nn.Conv2d`` /
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,16 +85,112 @@ def project_together(tokens: Tensor, *projections: Projection) -> list[Tensor]:
     """
     if len(projections) == 1:
         return [projections[0](tokens)]
+    weight, bias = _stacked(projections)
+    return _finish_each(projections, F.linear(tokens, weight, bias))
+
+
+def project_and_sample(x: Tensor, projections: Sequence[Projection],
+                       sample: nn.Module | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """The projections of ``x``'s tokens and ``sample(x)``, with one gradient buffer for ``x``.
+
+    x (B, C, H, W) -> ([(B, N, C_out) per projection], (B, C, S) sampled, or None without
+    ``sample``, a ``PyramidSampling``). APNB projects its keys from X and pools X for its values
+    (AFNB likewise from the low-level map). Left to autograd, the two paths would each allocate
+    an input-sized gradient and then add them; here the backward writes the projection's input
+    gradient once, in ``x``'s own layout (no copy to match a contiguous input), and accumulates
+    the sampling's transpose into it in place.
+    """
+    weight, bias = _stacked(projections)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not _tracing(x):
+        projected, sampled = _ProjectAndSample.apply(x, weight, bias, sample)
+    else:
+        projected, sampled = F.linear(to_tokens(x), weight, bias), None if sample is None else sample(x)
+    return _finish_each(projections, projected), sampled
+
+
+class _ProjectAndSample(torch.autograd.Function):
+    """``(F.linear(to_tokens(x), weight, bias), sample(x))`` whose backward builds one grad of ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,
+                sample: nn.Module | None) -> tuple[Tensor, Tensor | None]:
+        ctx.save_for_backward(x, weight)
+        ctx.sample, ctx.has_bias = sample, bias is not None
+        return F.linear(to_tokens(x), weight, bias), None if sample is None else sample(x)
+
+    @staticmethod
+    def backward(ctx, grad_projected: Tensor | None, grad_sampled: Tensor | None):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        B, C, H, W = x.shape
+        if grad_projected is None:
+            grad_projected = x.new_zeros(B, H * W, weight.shape[0])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = weight.to(grad_projected.dtype)
+            if x.is_contiguous():  # (B, C, N) = W^T (C, C_out) @ (B, C_out, N): the gradient in x's layout
+                grad_x = torch.bmm(weight.t().expand(B, -1, -1), grad_projected.transpose(1, 2)).view(B, C, H, W)
+            else:  # (B, N, C): a channels-last map, as a channels-last x
+                grad_x = to_map(torch.matmul(grad_projected, weight), H, W)
+            if grad_sampled is not None:
+                ctx.sample.accumulate_transpose(grad_sampled, grad_x)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad_projected.transpose(1, 2), to_tokens(x).to(grad_projected.dtype)).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_projected.sum((0, 1))
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _stacked(projections: Sequence[Projection]) -> tuple[Tensor, Tensor | None]:
+    """The convs of ``projections`` as one (sum C_out, C_in) weight and bias (zeros where a conv has none)."""
     weight = torch.cat([p.conv.weight.flatten(1) for p in projections])  # (sum C_out, C_in)
     biases = [p.conv.bias for p in projections]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else weight.new_zeros(p.conv.out_channels)
-                          for b, p in zip(biases, projections)])
-    out = F.linear(tokens, weight, bias)  # (B, N, sum C_out)
+    if all(b is None for b in biases):
+        return weight, None
+    return weight, torch.cat([b if b is not None else weight.new_zeros(p.conv.out_channels)
+                              for b, p in zip(biases, projections)])
+
+
+def _finish_each(projections: Sequence[Projection], out: Tensor) -> list[Tensor]:
+    """Split a stacked projection's (B, N, sum C_out) output and apply each one's BN/ReLU."""
+    if len(projections) == 1:
+        return [projections[0].finish(out)]
     parts = out.split([p.conv.out_channels for p in projections], dim=-1)
     # A slice of the wide output is strided; BatchNorm wants it dense (a small copy).
     return [p.finish(part if p.bn is None else part.contiguous()) for p, part in zip(projections, parts)]
+
+
+def _tracing(x: Tensor) -> bool:
+    """Under graph capture (torch.compile, torch.export) plain autograd is traced instead."""
+    return torch.compiler.is_compiling() or not all(isinstance(n, int) for n in x.shape)
+
+
+def fused_fusion(out: Projection, fuse: nn.Sequential, context: Tensor, tokens: Tensor, size: tuple[int, int]) -> Tensor:
+    """``fuse(cat[W(O), X])`` computed without W(O) or the concatenated map, in training too.
+
+    The fusion's 1x1 conv is linear, so with F = [F_o | F_x] split along its input channels,
+    ``F cat[W O + b, X] + c = (F_o W) O + F_x X + (F_o b + c)``: the product F_o W is a small
+    (C_out, Cv) matrix, and the (B, N, C_w) output of W and the (B, N, C_w + C_in) concatenation
+    are never built nor kept for the backward. Exact up to floating-point re-association;
+    gradients reach W and the fusion conv through the product. The rest of ``fuse`` (BatchNorm,
+    ReLU, dropout) then runs on the (B, C_out, H, W) map. context (B, N, Cv), tokens (B, N, C_in).
+    """
+    conv = fuse[0]
+    weight = conv.weight.flatten(1)  # (C_out, C_w + C_in)
+    f_o, f_x = weight.split([out.conv.out_channels, weight.shape[1] - out.conv.out_channels], dim=1)
+    context_weight = f_o @ out.conv.weight.flatten(1)  # (C_out, Cv)
+    bias = conv.bias
+    if out.conv.bias is not None:
+        bias = f_o @ out.conv.bias if bias is None else torch.addmv(bias, f_o, out.conv.bias)
+    mixed = F.linear(tokens, f_x, bias)  # (B, N, C_out)
+    # Accumulate the context's share in place: no second (B, N, C_out) map.
+    mixed = mixed.baddbmm_(context.to(mixed.dtype), context_weight.t().to(mixed.dtype).expand(mixed.shape[0], -1, -1))
+    return fuse[1:](to_map(mixed, *size))
+
+
+def can_fuse_fusion(out: Projection, fuse: nn.Sequential | None) -> bool:
+    """Whether ``fused_fusion`` computes this W + fusion: a plain affine W (no BatchNorm after it) and a 1x1 fusion conv."""
+    return (fuse is not None and out.bn is None and out.act is None and isinstance(fuse[0], nn.Conv2d)
+            and fuse[0].kernel_size == (1, 1) and fuse[0].groups == 1)
 
 
 def fold_batchnorm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

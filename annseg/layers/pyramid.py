@@ -100,5 +100,30 @@ class PyramidSampling(nn.Module):
             start += s
         return torch.cat(anchors, dim=2)
 
+    def accumulate_transpose(self, grad: Tensor, into: Tensor) -> None:
+        """Add the gradient of ``forward``'s input for ``grad`` (B, C, S) to the map ``into``, in place.
+
+        ``into`` is (B, C, H, W), contiguous or channels-last. This is the backward of the pooling
+        written as matmuls: every level's cell gradients are laid out on the (T, T) grid of
+        ``forward`` (zero off the levels' diagonal blocks), spread over the columns (a small
+        (B, C, T, W) map) and then over the rows, accumulated straight into ``into``
+        (``baddbmm_``) so that no input-sized temporary is allocated.
+        """
+        B, C, H, W = into.shape
+        rows = _bins(H, self.sizes, into.device, into.dtype)  # (T, H)
+        cols = _bins(W, self.sizes, into.device, into.dtype)  # (T, W)
+        T = rows.shape[0]
+        grid = grad.new_zeros(B, C, T, T, dtype=into.dtype)
+        start, offset = 0, 0
+        for s in self.sizes:
+            grid[..., start : start + s, start : start + s] = grad[..., offset : offset + s * s].unflatten(-1, (s, s))
+            start, offset = start + s, offset + s * s
+        spread = torch.matmul(grid, cols)  # (B, C, T, W): each row bin's gradient over the columns, small
+        if into.is_contiguous():  # (B C, H, W) += rows^T (H, T) @ (B C, T, W)
+            into.view(B * C, H, W).baddbmm_(rows.t().expand(B * C, -1, -1), spread.view(B * C, T, W))
+        else:  # channels-last: (B, H, W C) += rows^T (H, T) @ (B, T, W C)
+            spread = spread.permute(0, 2, 3, 1).reshape(B, T, W * C)
+            into.permute(0, 2, 3, 1).view(B, H, W * C).baddbmm_(rows.t().expand(B, -1, -1), spread)
+
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, anchors={self.num_anchors}"

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from annseg.layers import AFNB, APNB, NonLocal2d, conv_bn_act
+from annseg.layers.folding import fold_conv_batchnorms
 from annseg.models.backbones import Backbone
 
 Variant = Literal["fcn", "nb", "apnb", "afnb", "ann"]
@@ -32,6 +34,12 @@ class ANN(nn.Module):
     ``timm:efficientnet_b0``, ...); ``timm:NAME`` is exactly timm's ``NAME``. ``output_stride``
     8 (dilated, the paper's setting) or 16 (faster). ``backbone_weights``: a local state dict
     of the whole timm model (see ``load_backbone_weights``); nothing is downloaded.
+
+    ``channels_last`` (default) keeps weights and activations in NHWC, the layout oneDNN and
+    cuDNN convolve fastest; the same function. ``fused_fusion``: the blocks' W and fusion conv
+    as one product (see ``APNB``). Set ``checkpoint_backbone = True`` to recompute the
+    backbone's activations in the backward instead of keeping them (less memory, about one
+    more backbone forward of time; the same gradients).
     """
 
     def __init__(
@@ -52,6 +60,8 @@ class ANN(nn.Module):
         conv_bias: bool = True,
         align_corners: bool = True,
         fused_attention: bool = True,
+        fused_fusion: bool = True,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -64,7 +74,7 @@ class ANN(nn.Module):
         self.backbone = Backbone(backbone, weights=backbone_weights, output_stride=output_stride)
         low, high = self._feature_channels(output_stride)  # layer3, layer4: 1024, 2048 for ResNet-50/101
         block = dict(key_channels=key_channels, value_channels=value_channels, dropout=dropout,
-                     conv_bias=conv_bias, fused_attention=fused_attention)
+                     conv_bias=conv_bias, fused_attention=fused_attention, fused_fusion=fused_fusion)
         self.afnb = (
             AFNB(low, high, high, sizes=sizes, norm_after_w=norm_after_w, **block)
             if variant in ("afnb", "ann")
@@ -81,9 +91,18 @@ class ANN(nn.Module):
             conv_bn_act(low, aux_channels, 3, bias=conv_bias, dropout=dropout),
             nn.Conv2d(aux_channels, num_classes, 1),
         )
+        self.channels_last = channels_last
+        self.checkpoint_backbone = False
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        low, high = self.backbone(image)  # layer3 (B, C3, h, w), layer4 (B, C4, h, w); h = H/8 at stride 8
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        if self.checkpoint_backbone and self.training and torch.is_grad_enabled():
+            low, high = self.backbone.checkpointed(image)
+        else:
+            low, high = self.backbone(image)  # layer3 (B, C3, h, w), layer4 (B, C4, h, w); h = H/8 at stride 8
         x = high if self.afnb is None else self.afnb(low, high)  # (B, C4, h, w); AFNB pools low's anchors
         x = self.context(x)  # (B, 512, h, w)
         if self.apnb is not None:
@@ -94,14 +113,23 @@ class ANN(nn.Module):
         return logits, self._upsample(self.aux_head(low), image)
 
     def fuse_for_inference(self) -> "ANN":
-        """``fuse_for_inference()`` of the AFNB and APNB (or NB) blocks: fewer matmuls per forward.
+        """Fold for inference: the blocks' ``fuse_for_inference()``, then every other BatchNorm
+        into the conv before it (backbone and heads, ``fold_conv_batchnorms``).
 
-        Exact up to rounding; eval mode only, and the network can no longer be trained (for
-        benchmarks and ONNX export). Returns the network.
+        Exact up to rounding (checked on an example input); eval mode only, and the network
+        can no longer be trained. ``annseg.load`` returns a folded network. Returns the network.
         """
+        if self.training:
+            raise RuntimeError("fuse_for_inference() folds BatchNorm running statistics; call .eval() first")
+        if getattr(self, "folded", False):
+            return self
         for block in (self.afnb, self.apnb):
             if block is not None:
                 block.fuse_for_inference()
+        weight = next(self.parameters())
+        example = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+        fold_conv_batchnorms(self, example)
+        self.folded = True
         return self
 
     def _feature_channels(self, output_stride: int) -> tuple[int, int]:

@@ -9,12 +9,15 @@ local file the user names; nothing is ever downloaded (timm's ``pretrained`` is 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from annseg.models.weights import load_exactly, read_state_dict
 
@@ -94,6 +97,27 @@ class Backbone(nn.Module):
 
     def forward(self, image: Tensor) -> list[Tensor]:
         return self.body(image)
+
+    def checkpointed(self, image: Tensor) -> list[Tensor]:
+        """``forward`` whose stages keep only their inputs: activations are recomputed in the backward.
+
+        Each of timm's stages (its top-level ``nn.Sequential`` children: layer1 ... layer4 and a
+        deep stem's convs for a ResNet) runs under ``torch.utils.checkpoint``; the few modules
+        between them run as usual. The BatchNorms' running statistics are restored after the
+        recomputation, so they are updated once per step as without checkpointing.
+        """
+        features, x = [], image
+        wanted = set(self.body.return_layers) if hasattr(self.body, "return_layers") else None
+        if wanted is None:
+            raise ValueError(f"backbone {self.name!r}: timm's {type(self.body).__name__} cannot be checkpointed by stage")
+        for name, stage in self.body.items():
+            if isinstance(stage, (nn.Sequential, nn.ModuleList)) and any(True for _ in stage.parameters()):
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=partial(_recompute_context, stage))
+            else:
+                x = stage(x)
+            if name in wanted:
+                features.append(x)
+        return features
 
 
 def _features(name: str, timm_name: str, output_stride: int) -> nn.Module:
@@ -236,3 +260,23 @@ def openmmlab_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         prefix = next((p for p in _STEM_TO_TIMM if key.startswith(p)), None)
         renamed[key if prefix is None else _STEM_TO_TIMM[prefix] + key[len(prefix):]] = value
     return renamed
+
+
+def _recompute_context(stage: nn.Module) -> tuple:
+    """``checkpoint``'s contexts: the forward as usual; the recomputation without running-statistics updates."""
+    return nullcontext(), _frozen_statistics(stage)
+
+
+@contextmanager
+def _frozen_statistics(stage: nn.Module) -> Iterator[None]:
+    """The recomputation normalises as the forward did; the BatchNorms' running statistics and
+    batch counts it updates are put back afterwards (the forward already updated them)."""
+    buffers = [b for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)

@@ -61,16 +61,20 @@ def test_converted_model_computes_mmsegs_function(reference, checkpoint):
 
 
 def test_training_mode_matches_too_dropout_in_the_same_places(reference, checkpoint):
-    """Same seed, same Dropout2d masks: only if both networks drop at the same points in the same order."""
+    """Same seed, same Dropout2d masks: only if both networks drop at the same points in the same order.
+
+    In float64: training-mode BatchNorms amplify float32's re-association differences (annseg
+    groups W and the fusion conv as one product) past a float32 tolerance.
+    """
     model, _ = load_mmseg_checkpoint(checkpoint)
-    ours, theirs = model.train(), copy.deepcopy(reference).train()
-    image = torch.randn(2, 3, 49, 57)
+    ours, theirs = model.train().double(), copy.deepcopy(reference).train().double()
+    image = torch.randn(2, 3, 49, 57, dtype=torch.float64)
     torch.manual_seed(1)
     main_out, aux_out = ours(image)
     torch.manual_seed(1)
     expected, expected_aux = theirs(image)
-    _assert_close(main_out, expected)
-    _assert_close(aux_out, expected_aux)
+    for actual, wanted in ((main_out, expected), (aux_out, expected_aux)):
+        torch.testing.assert_close(actual, wanted, rtol=0, atol=1e-10 * wanted.abs().max().item())
 
 
 @pytest.mark.parametrize("change, message", [
