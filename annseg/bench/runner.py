@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def timed(run: Callable[[], object], device: torch.device, repeats: int, warmup:
 class BenchResult:
     """Everything one ``annseg bench`` run produced, as written to results.json."""
 
-    kind: str  # "blocks" or "model"
+    kind: str  # "blocks", "model" or "train"
     command: str
     machine: dict[str, object]
     repeats: int
@@ -57,7 +57,13 @@ class BenchResult:
 
 def run_worker(module: str, request: str) -> dict[str, object]:
     """Run ``python -m module request`` in a fresh process; its last stdout line is the JSON record."""
-    proc = subprocess.run([sys.executable, "-m", module, request], capture_output=True, text=True)
+    return run_process([sys.executable, "-m", module, request])
+
+
+def run_process(argv: Sequence[str]) -> dict[str, object]:
+    """Run ``argv``, a fresh worker process; its last stdout line is the JSON record, else
+    ``{"error": ...}`` with its last line of stderr (or "out of memory")."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)

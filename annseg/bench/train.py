@@ -50,9 +50,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def measure_step(step: Callable[[], object], device: torch.device, repeats: int,
                  warmup: int) -> dict[str, object]:
-    """Time and peak memory of a training ``step``, measured as every annseg training bench does.
+    """Time and peak memory of a repeated ``step`` (a training step, or a forward to compare with
+    another library's by the same method).
 
-    Call it once the model, optimiser and batch are built: the peak is the high-water mark
+    Call it once the model, optimiser and inputs are built: the peak is the high-water mark
     over ``max(warmup, 1)`` untimed and ``repeats`` timed steps above the memory held now. One
     ``PeakMemory`` spans all steps (on the CPU the allocator keeps freed memory, which would
     hide a peak measured per step).
@@ -92,11 +93,12 @@ def random_batch(batch: int, height: int, width: int, device: torch.device) -> t
 
 def measure_train(name: str, height: int, width: int, batch: int, device: torch.device, repeats: int,
                   warmup: int, threads: int, options: dict[str, Any] | None = None,
-                  precision: str = "fp32", compile: bool = False) -> dict[str, object]:
+                  precision: str = "fp32", compile: bool = False, parts: bool = True) -> dict[str, object]:
     """Time, peak memory and per-part times of one training step of a named model, in this process.
 
-    ``options`` go to ``create_model``. With ``compile`` the parts are not measured: their
-    hooks would split the compiled graph and time another program.
+    ``options`` go to ``create_model``. ``parts``: also split the step by part, in extra
+    passes. With ``compile`` the parts are not measured: their hooks would split the compiled
+    graph and time another program.
     """
     from annseg.losses import ANNLoss
     from annseg.models import create_model
@@ -107,7 +109,7 @@ def measure_train(name: str, height: int, width: int, batch: int, device: torch.
     images, masks = random_batch(batch, height, width, device)
     step, optimizer = training_step(model, images, masks, device, precision, compile)
     record = measure_step(step, device, repeats, warmup)
-    if not compile:
+    if parts and not compile:
         passes = [step_parts(model, ANNLoss(aux_weight=AUX_WEIGHT, ohem=False), optimizer, images, masks,
                              device, precision) for _ in range(repeats)]
         record["parts_ms"] = {key: statistics.median(p[key] for p, _ in passes) for key in passes[0][0]}
