@@ -196,16 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = bench_commands.add_parser(
         "train",
-        help="whole-network training step time and peak memory, split into backbone, AFNB, APNB, heads, loss, optimiser",
+        help="whole-network training step time and peak memory, split into backbone, AFNB, APNB, heads, loss, "
+        "optimiser",
         description="One SGD training step as annseg trains (cross-entropy + 0.4 x auxiliary, no OHEM; SGD lr 0.01, "
         "momentum 0.9, weight decay 5e-4) of named models on random batches: time, peak memory (gradients and "
-        "momentum included) and each part's forward and backward time, each model and size in a fresh subprocess.",
+        "momentum included) and each part's forward and backward time, each model and size in a fresh subprocess. At least one warm-up step runs (the "
+        "first step allocates SGD's momentum buffers).",
     )
-    train.add_argument("--models", nargs="+", default=["ann_resnet50"], metavar="NAME", help="named models (ann_resnet50)")
-    train.add_argument("--sizes", type=_size, nargs="+", default=[(384, 384)], metavar="HxW", help="crop sizes (384x384)")
+    train.add_argument("--models", nargs="+", default=["ann_resnet50"], metavar="NAME",
+                       help="named models (ann_resnet50)")
+    train.add_argument("--sizes", type=_size, nargs="+", default=[(384, 384)], metavar="HxW",
+                       help="crop sizes (384x384)")
     train.add_argument("--batch", type=_positive, default=2, help="images per step (2)")
     train.add_argument("--mmseg-options", action="store_true",
-                       help="build with MMSEG_OPTIONS, the settings under which the network computes mmsegmentation's ANN")
+                       help="build with MMSEG_OPTIONS, the settings under which the network computes "
+                       "mmsegmentation's ANN")
     _add_lever_options(train)
     _add_run_options(train, "bench-out/train", "20 on a GPU; 3 on the CPU")
     train.set_defaults(run=_cmd_bench_train)
@@ -429,9 +434,12 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, repeats: str) ->
 def _add_lever_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast around the forward (and the loss) (fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network (its parts are not split then)")
-    parser.add_argument("--option", dest="options", type=_model_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="a create_model option, the value read as YAML (e.g. dropout=0.1, sizes=[1,3]); repeatable")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (its parts are not split then)")
+    parser.add_argument("--option", dest="options", type=_model_option, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a create_model option, the value read as YAML (e.g. dropout=0.1, sizes=[1,3]); "
+                        "repeatable")
 
 
 def _model_option(text: str) -> tuple[str, object]:

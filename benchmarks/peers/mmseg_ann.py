@@ -165,8 +165,9 @@ def eval_input(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 def convert(checkpoint: Path, out: Path) -> None:
     """``annseg convert mmseg CKPT OUT``, the command a user runs (this interpreter's annseg)."""
-    proc = subprocess.run([sys.executable, "-c", "import sys; from annseg.cli import main; sys.argv[0] = 'annseg'; main()",
-                           "convert", "mmseg", str(checkpoint), str(out)], capture_output=True, text=True)
+    cli = "import sys; from annseg.cli import main; sys.argv[0] = 'annseg'; main()"
+    proc = subprocess.run([sys.executable, "-c", cli, "convert", "mmseg", str(checkpoint), str(out)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"annseg convert mmseg {checkpoint} failed: {proc.stderr.strip().splitlines()[-1:]}")
 
@@ -258,7 +259,8 @@ def run_all(args: argparse.Namespace) -> dict[str, object]:
             status = record.get("error") or f"{record['time_ms']:,.1f} ms {record['peak_mib']:,.0f} MiB"
             print(f"[{index}/{len(plan)}] {side:<6} {work:<5} {lever:<7} {status}", file=sys.stderr, flush=True)
     versions = {name: metadata.version(name) for name in ("mmsegmentation", "mmengine", "mmcv-lite", "torch")}
-    return {"kind": "mmseg-side-by-side", "command": "python " + shlex.join(["benchmarks/peers/mmseg_ann.py", *sys.argv[1:]]),
+    command = "python " + shlex.join(["benchmarks/peers/mmseg_ann.py", *sys.argv[1:]])
+    return {"kind": "mmseg-side-by-side", "command": command,
             "machine": describe(device, threads), "versions": versions, **base, "agreement": agreement, "cases": cases}
 
 
