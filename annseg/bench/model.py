@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from annseg.bench.machine import PeakMemory, describe
-from annseg.bench.runner import BenchResult, machine_line, run_worker, timed
+from annseg.bench.machine import PeakMemory
+from annseg.bench.runner import BenchResult, autocast, machine_line, run_named_models, timed
 
 ABLATIONS = ("fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101", "ann_resnet101")
 GPU_SIZES = ((512, 1024), (1024, 2048))
@@ -40,7 +40,6 @@ def measure_model(name: str, height: int, width: int, device: torch.device, repe
     autocast; ``compile`` runs it through ``torch.compile`` (then the parts are not split: their
     hooks would break the compiled graph).
     """
-    from annseg.bench.train import autocast
     from annseg.models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -133,26 +132,9 @@ def run_model(
     on_case: Callable[[int, int, dict[str, object]], None] | None = None,
 ) -> BenchResult:
     """Measure every (size, model) pair, each in a fresh subprocess."""
-    from annseg.bench.blocks import resolve_device
-    from annseg.bench.train import autocast, check_options
-
-    autocast(torch.device("cpu"), precision)  # refuses an unknown precision here, not in each worker
-    options = dict(options or {})
-    check_options(models, options)
-    dev = resolve_device(device)
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    result = BenchResult("model", command, describe(dev, threads), repeats, warmup)
-    cases = [(name, h, w) for h, w in sizes for name in models]
-    for index, (name, h, w) in enumerate(cases, 1):
-        request = json.dumps({"model": name, "height": h, "width": w, "device": str(dev), "repeats": repeats,
-                              "warmup": warmup, "threads": threads, "fuse": fuse, "tf32": tf32, "options": options,
-                              "precision": precision, "compile": compile})
-        record = {"model": name, "height": h, "width": w, **run_worker("annseg.bench.model", request)}
-        result.cases.append(record)
-        if on_case is not None:
-            on_case(index, len(cases), record)
-    return result
+    request = {"fuse": fuse, "tf32": tf32, "options": dict(options or {}), "precision": precision, "compile": compile}
+    return run_named_models("model", models, sizes, request, device=device, repeats=repeats, warmup=warmup,
+                            threads=threads, command=command, on_case=on_case)
 
 
 def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:

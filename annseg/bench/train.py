@@ -14,7 +14,6 @@ The split by part comes from separate passes (see ``step_parts``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import statistics
@@ -27,25 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from annseg.bench.machine import PeakMemory, describe
-from annseg.bench.runner import BenchResult, machine_line, run_worker, timed
+from annseg.bench.machine import PeakMemory
+from annseg.bench.runner import BenchResult, autocast, machine_line, run_named_models, timed
 
 logger = logging.getLogger(__name__)
 NUM_CLASSES = 19
 AUX_WEIGHT = 0.4
 SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
-PRECISIONS = ("fp32", "bf16")
 # Parts of a step, each with a forward and a backward time (the optimiser's only one).
 PARTS = ("backbone", "afnb", "apnb", "heads", "loss")
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` for ``precision`` "bf16", nothing for "fp32"."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def measure_step(step: Callable[[], object], device: torch.device, repeats: int,
@@ -206,15 +195,6 @@ def step_parts(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     return {k: v * 1000 for k, v in parts.items()}, (end - begin) * 1000
 
 
-def check_options(models: Sequence[str], options: dict[str, Any]) -> None:
-    """Refuse an unknown model or option before any worker starts (``create_model``'s own
-    message; the models are built on the meta device, which takes no memory)."""
-    from annseg.models.zoo import parameter_count
-
-    for name in models:
-        parameter_count(name, NUM_CLASSES, **options)
-
-
 def run_train(
     models: Sequence[str],
     sizes: Sequence[tuple[int, int]],
@@ -231,26 +211,9 @@ def run_train(
     on_case: Callable[[int, int, dict[str, object]], None] | None = None,
 ) -> BenchResult:
     """Measure a training step of every (size, model) pair, each in a fresh subprocess."""
-    from annseg.bench.blocks import resolve_device
-
-    autocast(torch.device("cpu"), precision)  # refuses an unknown precision here, not in each worker
-    options = dict(options or {})
-    check_options(models, options)
-    dev = resolve_device(device)
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    warmup = max(warmup, 1)
-    result = BenchResult("train", command, describe(dev, threads), repeats, warmup)
-    cases = [(name, h, w) for h, w in sizes for name in models]
-    for index, (name, h, w) in enumerate(cases, 1):
-        request = json.dumps({"model": name, "height": h, "width": w, "batch": batch, "device": str(dev),
-                              "repeats": repeats, "warmup": warmup, "threads": threads, "options": options,
-                              "precision": precision, "compile": compile})
-        record = {"model": name, "height": h, "width": w, "batch": batch, **run_worker("annseg.bench.train", request)}
-        result.cases.append(record)
-        if on_case is not None:
-            on_case(index, len(cases), record)
-    return result
+    request = {"batch": batch, "options": dict(options or {}), "precision": precision, "compile": compile}
+    return run_named_models("train", models, sizes, request, device=device, repeats=repeats, warmup=max(warmup, 1),
+                            threads=threads, command=command, on_case=on_case, shown={"batch": batch})
 
 
 def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:

@@ -43,8 +43,8 @@ import torch
 
 from annseg.bench.blocks import resolve_device, update_readme
 from annseg.bench.machine import describe
-from annseg.bench.runner import machine_line, run_process
-from annseg.bench.train import SGD, autocast, measure_step, measure_train, random_batch
+from annseg.bench.runner import autocast, machine_line, run_process
+from annseg.bench.train import SGD, measure_step, measure_train, random_batch
 
 README_START = "<!-- mmseg side by side: start -->"
 README_END = "<!-- mmseg side by side: end -->"

@@ -105,11 +105,11 @@ def test_cli_refuses_malformed_levers(args, message, capsys):
 
 def test_bench_model_takes_the_same_levers(tmp_path, monkeypatch, capsys):
     """`bench model --precision bf16 --option ...` records them per case and names them above its table."""
-    from annseg.bench import model
+    from annseg.bench import machine as bench_machine
 
     machine = {"device": "cpu", "device_name": "cpu", "threads": 1, "torch": torch.__version__,
                "matmul_4096_fp32_gflops": 1.0}
-    monkeypatch.setattr(model, "describe", lambda device, threads: machine)  # the yardstick takes seconds
+    monkeypatch.setattr(bench_machine, "describe", lambda device, threads: machine)  # the yardstick takes seconds
     out = tmp_path / "model"
     main(["bench", "model", "--models", "apnb_resnet18", "--sizes", "32x32", "--repeats", "1", "--threads", "1",
           "--precision", "bf16", "--option", "head_channels=32", "--out", str(out)])
