@@ -190,8 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the blocks' BatchNorms and W unfolded (default: fuse_for_inference())")
     model.add_argument("--tf32", action="store_true",
                        help="CUDA matmuls in TF32, as cuDNN runs the backbone's convolutions by default")
+    _add_lever_options(model)
     _add_run_options(model, "bench-out/model", "20 on a GPU, the paper's protocol; 3 on the CPU")
     model.set_defaults(run=_cmd_bench_model)
+
+    train = bench_commands.add_parser(
+        "train",
+        help="whole-network training step time and peak memory, split into backbone, AFNB, APNB, heads, loss, "
+        "optimiser",
+        description="One SGD training step as annseg trains (cross-entropy + 0.4 x auxiliary, no OHEM; SGD lr 0.01, "
+        "momentum 0.9, weight decay 5e-4) of named models on random batches: time, peak memory (gradients and "
+        "momentum included) and each part's forward and backward time, each model and size in a fresh subprocess. At least one warm-up step runs (the "
+        "first step allocates SGD's momentum buffers).",
+    )
+    train.add_argument("--models", nargs="+", default=["ann_resnet50"], metavar="NAME",
+                       help="named models (ann_resnet50)")
+    train.add_argument("--sizes", type=_size, nargs="+", default=[(384, 384)], metavar="HxW",
+                       help="crop sizes (384x384)")
+    train.add_argument("--batch", type=_positive, default=2, help="images per step (2)")
+    train.add_argument("--mmseg-options", action="store_true",
+                       help="build with MMSEG_OPTIONS, the settings under which the network computes "
+                       "mmsegmentation's ANN")
+    _add_lever_options(train)
+    _add_run_options(train, "bench-out/train", "20 on a GPU; 3 on the CPU")
+    train.set_defaults(run=_cmd_bench_train)
 
     readme = bench_commands.add_parser(
         "readme",
@@ -412,6 +434,34 @@ def _add_run_options(parser: argparse.ArgumentParser, out: str, repeats: str) ->
     parser.add_argument("--out", type=_out_path, default=Path(out), help=f"folder for results.json and results.md ({out})")
 
 
+def _add_lever_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32, or bf16 autocast around the forward (and the loss) (fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (its parts are not split then)")
+    parser.add_argument("--option", dest="options", type=_model_option, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a create_model option, the value read as YAML (e.g. dropout=0.1, sizes=[1,3]); "
+                        "repeatable")
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    from annseg.engine.config import ConfigError, parse_override
+
+    try:
+        ((key, value),) = parse_override(text).items()
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    if isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"option {text!r}: KEY is one create_model option, without dots")
+    return key, tuple(value) if isinstance(value, list) else value
+
+
+def _model_options(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """``base`` with each ``--option KEY=VALUE`` over it, in order."""
+    return {**(base or {}), **dict(args.options)}
+
+
 def _device(args: argparse.Namespace) -> "torch.device":
     import torch
 
@@ -432,7 +482,7 @@ def _report(index: int, total: int, case: dict) -> None:
         f"{case['height']}x{case['width']}"
     status = case.get("error") or " ".join(
         f"{label} {case[key]:9.1f} {unit}" for label, key, unit in
-        (("fwd", "time_ms", "ms"), ("", "peak_mib", "MiB"), ("train", "train_time_ms", "ms"),
+        (("step" if "batch" in case else "fwd", "time_ms", "ms"), ("", "peak_mib", "MiB"), ("train", "train_time_ms", "ms"),
          ("", "train_peak_mib", "MiB")) if key in case)
     print(f"[{index}/{total}] {name:<16} {shape:<18} {status}", file=sys.stderr, flush=True)
 
@@ -470,8 +520,22 @@ def _cmd_bench_model(args: argparse.Namespace) -> None:
     sizes = args.sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
     result = run_model(models, sizes, device=str(device), repeats=repeats, warmup=args.warmup,
-                       threads=args.threads, fuse=not args.no_fuse, tf32=args.tf32,
+                       threads=args.threads, fuse=not args.no_fuse, tf32=args.tf32, options=_model_options(args),
+                       precision=args.precision, compile=args.compile,
                        command="annseg " + shlex.join(sys.argv[1:]), on_case=_report)
+    _finish(result, args, write_results)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> None:
+    from annseg.bench.train import run_train, write_results
+    from annseg.models.zoo import MMSEG_OPTIONS
+
+    device = _device(args)
+    result = run_train(args.models, args.sizes, batch=args.batch,
+                       options=_model_options(args, MMSEG_OPTIONS if args.mmseg_options else None),
+                       precision=args.precision, compile=args.compile, device=str(device),
+                       repeats=args.repeats or (20 if device.type == "cuda" else 3), warmup=args.warmup,
+                       threads=args.threads, command="annseg " + shlex.join(sys.argv[1:]), on_case=_report)
     _finish(result, args, write_results)
 
 

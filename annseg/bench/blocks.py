@@ -377,14 +377,15 @@ def _gmacs(case: dict) -> str:
     return f"{case['macs']['total'] / 1e9:.1f}" if case else "-"
 
 
-def update_readme(readme: Path, markdown: str) -> None:
-    """Replace the text between the README's benchmark markers with ``markdown``."""
+def update_readme(readme: Path, markdown: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the text between the README's ``start`` and ``end`` markers (the benchmark
+    section's by default) with ``markdown``."""
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no '{README_START}' ... '{README_END}' markers to replace")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no '{start}' ... '{end}' markers to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{markdown}{end}{tail}")
 
 
 def _worker(request_json: str) -> None:

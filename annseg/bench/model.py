@@ -15,12 +15,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from annseg.bench.machine import PeakMemory, describe
-from annseg.bench.runner import BenchResult, machine_line, run_worker, timed
+from annseg.bench.machine import PeakMemory
+from annseg.bench.runner import BenchResult, autocast, machine_line, run_named_models, timed
 
 ABLATIONS = ("fcn_resnet101", "nb_resnet101", "apnb_resnet101", "afnb_resnet101", "ann_resnet101")
 GPU_SIZES = ((512, 1024), (1024, 2048))
@@ -29,28 +30,35 @@ PARTS = ("backbone", "afnb", "apnb", "head")
 
 
 def measure_model(name: str, height: int, width: int, device: torch.device, repeats: int, warmup: int,
-                  threads: int, fuse: bool = True, tf32: bool = False) -> dict[str, object]:
+                  threads: int, fuse: bool = True, tf32: bool = False, options: dict[str, Any] | None = None,
+                  precision: str = "fp32", compile: bool = False) -> dict[str, object]:
     """Latency, peak memory and per-part time of one named model in this process.
 
     ``tf32``: CUDA matmuls (the blocks' 1x1 projections) in TF32, as cuDNN runs the
     backbone's convolutions by default; torch's default keeps matmuls in full fp32.
+    ``options`` go to ``create_model``; ``precision`` "bf16" runs the forward under bf16
+    autocast; ``compile`` runs it through ``torch.compile`` (then the parts are not split: their
+    hooks would break the compiled graph).
     """
     from annseg.models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = create_model(name, num_classes=19).eval().to(device)
+    model = create_model(name, num_classes=19, **(options or {})).eval().to(device)
     if fuse:
         model.fuse_for_inference()
+    runner = torch.compile(model) if compile else model
     image = torch.randn(1, 3, height, width, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         if device.type == "cuda":  # initialise kernels; on the CPU this would hide the peak (freed
-            model(torch.randn(1, 3, 64, 64, device=device))  # memory stays with the allocator)
+            runner(torch.randn(1, 3, 64, 64, device=device))  # memory stays with the allocator)
+        if compile:  # compiles for this input; its compile-time memory is not the model's
+            runner(image)
         with PeakMemory(device) as memory:
-            model(image)
-        times = timed(lambda: model(image), device, repeats, warmup)
-        parts = _part_times(model, image, device, repeats)
+            runner(image)
+        times = timed(lambda: runner(image), device, repeats, warmup)
+        parts = None if compile else _part_times(model, image, device, repeats)
     total = statistics.median(times)
     return {
         "time_ms": total,
@@ -61,6 +69,9 @@ def measure_model(name: str, height: int, width: int, device: torch.device, repe
         "fused": fuse,
         "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_conv_tf32": torch.backends.cudnn.allow_tf32,
+        "options": options or {},
+        "precision": precision,
+        "compile": compile,
     }
 
 
@@ -114,25 +125,16 @@ def run_model(
     threads: int | None = None,
     fuse: bool = True,
     tf32: bool = False,
+    options: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
     command: str = "",
     on_case: Callable[[int, int, dict[str, object]], None] | None = None,
 ) -> BenchResult:
     """Measure every (size, model) pair, each in a fresh subprocess."""
-    from annseg.bench.blocks import resolve_device
-
-    dev = resolve_device(device)
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    result = BenchResult("model", command, describe(dev, threads), repeats, warmup)
-    cases = [(name, h, w) for h, w in sizes for name in models]
-    for index, (name, h, w) in enumerate(cases, 1):
-        request = json.dumps({"model": name, "height": h, "width": w, "device": str(dev), "repeats": repeats,
-                              "warmup": warmup, "threads": threads, "fuse": fuse, "tf32": tf32})
-        record = {"model": name, "height": h, "width": w, **run_worker("annseg.bench.model", request)}
-        result.cases.append(record)
-        if on_case is not None:
-            on_case(index, len(cases), record)
-    return result
+    request = {"fuse": fuse, "tf32": tf32, "options": dict(options or {}), "precision": precision, "compile": compile}
+    return run_named_models("model", models, sizes, request, device=device, repeats=repeats, warmup=warmup,
+                            threads=threads, command=command, on_case=on_case)
 
 
 def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:
@@ -143,7 +145,7 @@ def write_results(result: BenchResult, out_dir: Path) -> tuple[Path, Path]:
 def render_markdown(result: dict) -> str:
     """One row per (image size, model): latency, memory, each part's share of the time."""
     fused = any(c.get("fused") for c in result["cases"])
-    precision = "fp32"
+    precision = "bf16 autocast" if any(c.get("precision") == "bf16" for c in result["cases"]) else "fp32"
     if result["machine"]["device"].startswith("cuda"):
         flags = (("matmuls", "cuda_matmul_tf32"), ("cuDNN convolutions", "cudnn_conv_tf32"))
         tf32 = [name for name, key in flags if any(c.get(key) for c in result["cases"])]
@@ -151,6 +153,11 @@ def render_markdown(result: dict) -> str:
             precision += " (torch's default TF32 flags, not recorded by this run)"
         else:
             precision += f" (TF32 in {' and '.join(tf32)})" if tf32 else " (no TF32)"
+    if any(c.get("compile") for c in result["cases"]):
+        precision += ", torch.compile (parts not split)"
+    options = next((c["options"] for c in result["cases"] if c.get("options")), None)
+    if options:
+        precision += ", create_model options " + ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
     lines = [
         f"Whole network, forward, eval mode, {precision}, batch 1, 19 classes{', blocks fused for inference' if fused else ''}; "
         f"latency is the median of {result['repeats']} runs. Parts from separate passes with synchronising hooks: "
@@ -166,6 +173,10 @@ def render_markdown(result: dict) -> str:
             lines.append(f"| {c['height']}x{c['width']} | {c['model']} | {c['error']} | | | | | | |")
             continue
         parts = c["parts_ms"]
+        if parts is None:
+            lines.append(f"| {c['height']}x{c['width']} | {c['model']} | {c['time_ms']:,.0f} | {c['peak_mib']:,.0f} "
+                         + "| - " * (len(PARTS) + 1) + "|")
+            continue
         blocks = parts["afnb"] + parts["apnb"]
         lines.append(
             f"| {c['height']}x{c['width']} | {c['model']} | {c['time_ms']:,.0f} | {c['peak_mib']:,.0f} "
@@ -179,7 +190,7 @@ def render_markdown(result: dict) -> str:
 def _worker(request_json: str) -> None:
     r = json.loads(request_json)
     record = measure_model(r["model"], r["height"], r["width"], torch.device(r["device"]), r["repeats"],
-                           r["warmup"], r["threads"], r["fuse"], r["tf32"])
+                           r["warmup"], r["threads"], r["fuse"], r["tf32"], r["options"], r["precision"], r["compile"])
     print(json.dumps(record))
 
 

@@ -13,16 +13,17 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from annseg.bench import blocks, model
+from annseg.bench import blocks, model, train
 from annseg.viz.bench import plot
 
-KINDS = {"blocks": blocks.render_markdown, "model": model.render_markdown}
+KINDS = {"blocks": blocks.render_markdown, "model": model.render_markdown, "train": train.render_markdown}
+TITLES = {"blocks": "Blocks", "model": "Whole network", "train": "Training step"}
 REFERENCE_GFLOPS = 180.0  # the 2-core machine the time targets were set on: 4096x4096 fp32 matmul
 LARGEST = (2048, 128, 256)  # the paper's largest input, where the targets are set
 
 
 def load_results(folder: Path) -> list[tuple[Path, dict]]:
-    """Every results.json below ``folder``: blocks before models, the CPU before GPUs."""
+    """Every results.json below ``folder``: blocks, models, training steps; the CPU before GPUs."""
     found = [(p.parent, json.loads(p.read_text())) for p in sorted(folder.glob("*/results.json"))]
     found = [(p, {**r, "command": committed_command(r["command"], folder.name, p.name)})
              for p, r in found if r.get("kind") in KINDS]
@@ -86,9 +87,9 @@ def check_targets(results: list[tuple[Path, dict]]) -> list[Target]:
                                    plain["time_ms"] / apnb["time_ms"], 6, "x", at_most=False),
                             Target(f"{where}: APNB forward memory saving over the plain NB",
                                    plain["peak_mib"] / apnb["peak_mib"], 28, "x", at_most=False)]
-        else:
+        elif result["kind"] == "model":
             for c in result["cases"]:
-                if c["model"] == "ann_resnet101" and "error" not in c:
+                if c["model"] == "ann_resnet101" and "error" not in c and c.get("parts_ms"):
                     parts = c["parts_ms"]
                     targets.append(Target(f"{where}: ann_resnet101 at {c['height']}x{c['width']}, AFNB + APNB "
                                           f"time over the backbone's", 100 * (parts["afnb"] + parts["apnb"])
@@ -100,7 +101,7 @@ def render_section(results: list[tuple[Path, dict]], plots: list[Path], root: Pa
     """The text between the README's markers: each result's table, the plots, the targets."""
     parts = []
     for folder, result in results:
-        title = "Blocks" if result["kind"] == "blocks" else "Whole network"
+        title = TITLES[result["kind"]]
         parts.append(f"#### {title}: {result['machine']['device_name']} (`{folder.relative_to(root).as_posix()}/`)\n")
         parts.append(KINDS[result["kind"]](result))
     for path in plots:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def timed(run: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
@@ -38,7 +42,7 @@ def timed(run: Callable[[], object], device: torch.device, repeats: int, warmup:
 class BenchResult:
     """Everything one ``annseg bench`` run produced, as written to results.json."""
 
-    kind: str  # "blocks" or "model"
+    kind: str  # "blocks", "model" or "train"
     command: str
     machine: dict[str, object]
     repeats: int
@@ -57,7 +61,13 @@ class BenchResult:
 
 def run_worker(module: str, request: str) -> dict[str, object]:
     """Run ``python -m module request`` in a fresh process; its last stdout line is the JSON record."""
-    proc = subprocess.run([sys.executable, "-m", module, request], capture_output=True, text=True)
+    return run_process([sys.executable, "-m", module, request])
+
+
+def run_process(argv: Sequence[str]) -> dict[str, object]:
+    """Run ``argv``, a fresh worker process; its last stdout line is the JSON record, else
+    ``{"error": ...}`` with its last line of stderr (or "out of memory")."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
@@ -71,3 +81,55 @@ def machine_line(result: dict) -> str:
     m = result["machine"]
     return (f"Device: {m['device_name']} ({m['device']}), {m['threads']} CPU threads, torch {m['torch']}, "
             f"4096x4096 fp32 matmul {m['matmul_4096_fp32_gflops']:,} GFLOP/s.")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``precision`` "bf16", nothing for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def run_named_models(
+    kind: str,
+    models: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    request: dict[str, Any],
+    *,
+    device: str,
+    repeats: int,
+    warmup: int,
+    threads: int | None,
+    command: str,
+    on_case: Callable[[int, int, dict[str, object]], None] | None,
+    shown: dict[str, Any] | None = None,
+) -> BenchResult:
+    """Every (size, model) pair of ``annseg.bench.{kind}``, each in a fresh worker process.
+
+    ``request`` (with ``options`` for ``create_model`` and ``precision``) goes to every worker
+    besides the case, device, repeats, warm-up and threads; ``shown`` keys open each record.
+    Unknown models, options and precisions are refused before any worker starts.
+    """
+    from annseg.bench.blocks import resolve_device
+    from annseg.bench.machine import describe
+    from annseg.models.zoo import parameter_count
+
+    autocast(torch.device("cpu"), request["precision"])
+    for name in models:  # create_model's own message; built on the meta device, which takes no memory
+        parameter_count(name, 19, **request["options"])
+    dev = resolve_device(device)
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    result = BenchResult(kind, command, describe(dev, threads), repeats, warmup)
+    cases = [(name, h, w) for h, w in sizes for name in models]
+    for index, (name, h, w) in enumerate(cases, 1):
+        case = {"model": name, "height": h, "width": w}
+        work = json.dumps({**case, **request, "device": str(dev), "repeats": repeats, "warmup": warmup,
+                           "threads": threads})
+        record = {**case, **(shown or {}), **run_worker(f"annseg.bench.{kind}", work)}
+        result.cases.append(record)
+        if on_case is not None:
+            on_case(index, len(cases), record)
+    return result

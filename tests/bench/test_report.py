@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -50,3 +51,28 @@ def test_commands_name_the_folder_their_results_are_committed_in() -> None:
     assert committed_command(ran, "benchmarks", "model-h100") == \
         "annseg bench model --tf32 --out benchmarks/model-h100 --repeats 20"
     assert committed_command("annseg bench model", "benchmarks", "x") == "annseg bench model"
+
+
+def _fake_train_results() -> dict:
+    parts = {f"{p}_{d}": 10.0 for p in ("backbone", "afnb", "apnb", "heads", "loss") for d in ("fwd", "bwd")}
+    return {"kind": "train", "command": "annseg bench train --out /scratch/train-cpu", "repeats": 3, "warmup": 1,
+            "machine": {"device": "cpu", "device_name": "Some CPU", "threads": 2, "torch": "2.x",
+                        "matmul_4096_fp32_gflops": 100.0},
+            "cases": [{"model": "ann_resnet50", "height": 384, "width": 384, "batch": 2, "time_ms": 9000.0,
+                       "peak_mib": 4000.0, "parts_ms": {**parts, "optimizer": 50.0}, "parts_total_ms": 150.0,
+                       "options": {"dropout": 0.1}, "precision": "fp32", "compile": False}]}
+
+
+def test_section_renders_train_results_beside_the_others(tmp_path):
+    """A train results folder joins the section after the blocks and models; the README test above
+    covers the committed folders, with or without one."""
+    shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("plots"))
+    (tmp_path / "benchmarks" / "train-cpu").mkdir()
+    (tmp_path / "benchmarks" / "train-cpu" / "results.json").write_text(json.dumps(_fake_train_results()))
+    results = load_results(tmp_path / "benchmarks")
+    assert [r["kind"] for _, r in results][-1] == "train"
+    section = render_section(results, [], tmp_path)
+    assert "#### Training step: Some CPU (`benchmarks/train-cpu/`)" in section
+    assert "| ann_resnet50 | 2x384x384 | dropout=0.1 | 9,000 | 4,000 | 10 / 10 |" in section
+    assert "`annseg bench train --out benchmarks/train-cpu`" in section
+    assert len(check_targets(results)) == len(check_targets(results[:-1]))  # no target is set on training
