@@ -854,7 +854,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
     check_out_file(args.out)
     _require_default_checkpoint(args.checkpoint)
     image = read_image(args.image)
-    segmenter = Segmenter.from_meta(*load_model(args.checkpoint)).to(_device(args))
+    segmenter = Segmenter.from_meta(*load_model(args.checkpoint, fuse=True)).to(_device(args))
     maps = segmenter.attention(image, [tuple(point) for point in args.points], block=args.block)
     attention_picture(image.permute(1, 2, 0).numpy(), maps).save(args.out)
     print(f"wrote {args.out}: {len(maps.points)} point(s), {args.block.upper()} anchors "

@@ -67,7 +67,7 @@ def test_section_renders_train_results_beside_the_others(tmp_path):
     """A train results folder joins the section after the blocks and models; the README test above
     covers the committed folders, with or without one."""
     shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("plots"))
-    (tmp_path / "benchmarks" / "train-cpu").mkdir()
+    (tmp_path / "benchmarks" / "train-cpu").mkdir(exist_ok=True)  # replaces a committed one
     (tmp_path / "benchmarks" / "train-cpu" / "results.json").write_text(json.dumps(_fake_train_results()))
     results = load_results(tmp_path / "benchmarks")
     assert [r["kind"] for _, r in results][-1] == "train"

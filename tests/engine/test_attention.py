@@ -56,7 +56,8 @@ def test_weights_are_those_inside_the_blocks_forward(model, block: str) -> None:
     values, both caught from the network's real (fused-kernel) forward by hooks."""
     module = getattr(model.network, block)
     caught: dict[str, torch.Tensor] = {}
-    hooks = [module.out.register_forward_pre_hook(lambda m, inputs: caught.update(context=inputs[0])),
+    output = module.out if module.folded is None else module.folded  # annseg.load folds W into the fusion
+    hooks = [output.register_forward_pre_hook(lambda m, inputs: caught.update(context=inputs[0])),
              module.value.register_forward_hook(lambda m, inputs, output: caught.update(values=output))]
     try:
         maps = model.attention(_image(61, 83), [(3, 4), (80, 60), (41, 30)], block=block)
