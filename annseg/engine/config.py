@@ -267,6 +267,7 @@ class EvalConfig:
     flip: bool = False
     short_side: int | None = checked(None, SIDES)  # scale 1 = short side resized to this (ADE20K protocol)
     batch_size: int = checked(8, Range(1, BATCH))  # sliding windows run per forward pass
+    precision: Literal["32", "bf16"] = "32"  # bf16: the network under bfloat16 autocast (GPUs, CPUs with AVX512-BF16/AMX)
 
     def validate(self, prefix: str) -> None:
         """Sliding windows that step further than they reach would leave pixels unseen."""

@@ -153,13 +153,24 @@ def infer(
     flip: bool = False,
     short_side: int | None = None,
     batch_size: int = 1,
+    precision: Literal["32", "bf16"] = "32",
 ) -> Tensor:
     """Logits (B, K, H, W) for normalised ``images`` (B, 3, H, W), summed over scales and flips.
 
     ``short_side``: scale 1 means the image resized so that its short side is this long (the
     ADE20K protocol); None means its own size. ``model`` must be in eval mode and return
-    logits at its input's size.
+    logits at its input's size. ``precision="bf16"`` runs the network under bfloat16 autocast;
+    the logits are summed in float32 either way.
     """
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose '32' or 'bf16'")
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return _infer(model, images, num_classes, mode, crop_size, stride, scales, flip, short_side, batch_size)
+
+
+def _infer(model: nn.Module, images: Tensor, num_classes: int, mode: str, crop_size: Sequence[int] | None,
+           stride: Sequence[int] | None, scales: Sequence[float], flip: bool, short_side: int | None,
+           batch_size: int) -> Tensor:
     if mode not in ("whole", "slide"):
         raise ValueError(f"unknown inference mode {mode!r}; choose 'whole' or 'slide'")
     if mode == "slide" and (crop_size is None or stride is None):
@@ -196,4 +207,4 @@ def infer_with(model: nn.Module, images: Tensor, num_classes: int, settings: Eva
     """``infer`` with the test-time settings of a run's ``eval`` config."""
     return infer(model, images, num_classes, mode=settings.mode, crop_size=settings.crop_size, stride=settings.stride,
                  scales=settings.scales, flip=settings.flip, short_side=settings.short_side,
-                 batch_size=settings.batch_size)
+                 batch_size=settings.batch_size, precision=settings.precision)

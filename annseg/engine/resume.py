@@ -43,7 +43,7 @@ RESUME_RULES: dict[str, Rule] = {
     "train.checkpoint_backbone": MAY, "train.compile": MAY,
     # eval: test-time inference only
     "eval.mode": MAY, "eval.crop_size": MAY, "eval.stride": MAY, "eval.scales": MAY, "eval.flip": MAY,
-    "eval.short_side": MAY, "eval.batch_size": MAY,
+    "eval.short_side": MAY, "eval.batch_size": MAY, "eval.precision": MAY,
 }
 
 

@@ -128,3 +128,22 @@ def test_sliding_windows_keep_a_large_image_within_the_stated_memory_bound() -> 
     bound = 4 * (2 * 4 + 1) * 512 * 1024  # 18 MiB
     assert peaks["slide"] <= bound + peaks["window"] + 8 * 2**20, peaks
     assert peaks["whole"] > 3 * bound, peaks  # the whole image at once would not fit the bound
+
+
+def test_bf16_precision_runs_under_autocast_and_returns_float32_logits(ann: nn.Module) -> None:
+    """eval.precision=bf16: the network under bfloat16 autocast, logits summed in float32, close to fp32's."""
+    images = torch.randn(1, 3, 40, 56)
+    seen = []
+    hook = ann.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        plain = infer(ann, images, 3)
+        half = infer(ann, images, 3, precision="bf16", flip=True)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert half.dtype == torch.float32
+    flipped_plain = infer(ann, images, 3, flip=True)
+    torch.testing.assert_close(half, flipped_plain, rtol=0, atol=0.1 * flipped_plain.abs().max().item())
+    assert plain.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        infer(ann, images, 3, precision="fp8")
