@@ -95,10 +95,6 @@ class ANN(nn.Module):
         self.checkpoint_backbone = False
         if channels_last:
             self.to(memory_format=torch.channels_last)
-            # On the CPU, oneDNN runs this 3x3 conv over the 2048 channels of layer4 faster on an
-            # NCHW map (1.5x at 64x128, 1.2x for a training step at 2x48x48, AMD EPYC, 2 threads),
-            # so its weight stays NCHW and forward hands it an NCHW input there.
-            self.context[0].to(memory_format=torch.contiguous_format)
 
     def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.channels_last:
@@ -108,8 +104,6 @@ class ANN(nn.Module):
         else:
             low, high = self.backbone(image)  # layer3 (B, C3, h, w), layer4 (B, C4, h, w); h = H/8 at stride 8
         x = high if self.afnb is None else self.afnb(low, high)  # (B, C4, h, w); AFNB pools low's anchors
-        if self.channels_last and x.device.type == "cpu":
-            x = x.contiguous()  # see __init__: the context conv runs NCHW on the CPU
         x = self.context(x)  # (B, 512, h, w)
         if self.apnb is not None:
             x = self.apnb(x)
