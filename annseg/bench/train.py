@@ -37,6 +37,13 @@ SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 PARTS = ("backbone", "afnb", "apnb", "heads", "loss")
 
 
+def step_loss() -> nn.Module:
+    """The benchmark's loss: cross-entropy on the main logits + 0.4 x on the auxiliary ones, no OHEM."""
+    from annseg.losses import ANNLoss
+
+    return ANNLoss(aux_weight=AUX_WEIGHT, ohem=False)
+
+
 def measure_step(step: Callable[[], object], device: torch.device, repeats: int,
                  warmup: int) -> dict[str, object]:
     """Time and peak memory of a repeated ``step`` (a training step, or a forward to compare with
@@ -56,11 +63,9 @@ def measure_step(step: Callable[[], object], device: torch.device, repeats: int,
 def training_step(model: nn.Module, images: Tensor, masks: Tensor, device: torch.device,
                   precision: str = "fp32", compile: bool = False) -> tuple[Callable[[], None], torch.optim.Optimizer]:
     """annseg's training step on ``model`` (put in train mode) and its SGD optimiser."""
-    from annseg.losses import ANNLoss
-
     model.train()
     runner = torch.compile(model) if compile else model
-    loss_fn = ANNLoss(aux_weight=AUX_WEIGHT, ohem=False)
+    loss_fn = step_loss()
     optimizer = torch.optim.SGD(model.parameters(), **SGD)
 
     def step() -> None:
@@ -89,7 +94,6 @@ def measure_train(name: str, height: int, width: int, batch: int, device: torch.
     passes. With ``compile`` the parts are not measured: their hooks would split the compiled
     graph and time another program.
     """
-    from annseg.losses import ANNLoss
     from annseg.models import create_model
 
     torch.set_num_threads(threads)
@@ -99,7 +103,7 @@ def measure_train(name: str, height: int, width: int, batch: int, device: torch.
     step, optimizer = training_step(model, images, masks, device, precision, compile)
     record = measure_step(step, device, repeats, warmup)
     if parts and not compile:
-        passes = [step_parts(model, ANNLoss(aux_weight=AUX_WEIGHT, ohem=False), optimizer, images, masks,
+        passes = [step_parts(model, step_loss(), optimizer, images, masks,
                              device, precision) for _ in range(repeats)]
         record["parts_ms"] = {key: statistics.median(p[key] for p, _ in passes) for key in passes[0][0]}
         record["parts_total_ms"] = statistics.median(total for _, total in passes)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from annseg.layers.pyramid import graph_captured
+
 
 def to_tokens(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, N, C), a view when ``x`` is contiguous (NCHW) or channels-last."""
@@ -101,7 +103,7 @@ def project_and_sample(x: Tensor, projections: Sequence[Projection],
     the sampling's transpose into it in place.
     """
     weight, bias = _stacked(projections)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not _tracing(x):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) and not graph_captured(x):
         projected, sampled = _ProjectAndSample.apply(x, weight, bias, sample)
     else:
         projected, sampled = F.linear(to_tokens(x), weight, bias), None if sample is None else sample(x)
@@ -157,11 +159,6 @@ def _finish_each(projections: Sequence[Projection], out: Tensor) -> list[Tensor]
     parts = out.split([p.conv.out_channels for p in projections], dim=-1)
     # A slice of the wide output is strided; BatchNorm wants it dense (a small copy).
     return [p.finish(part if p.bn is None else part.contiguous()) for p, part in zip(projections, parts)]
-
-
-def _tracing(x: Tensor) -> bool:
-    """Under graph capture (torch.compile, torch.export) plain autograd is traced instead."""
-    return torch.compiler.is_compiling() or not all(isinstance(n, int) for n in x.shape)
 
 
 def fused_fusion(out: Projection, fuse: nn.Sequential, context: Tensor, tokens: Tensor, size: tuple[int, int]) -> Tensor:

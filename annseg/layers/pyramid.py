@@ -48,6 +48,12 @@ def _averaging_matrix(length: int | torch.SymInt, sizes: tuple[int, ...], device
     return inside.to(dtype) / (end - start).to(dtype)
 
 
+def graph_captured(x: Tensor) -> bool:
+    """Whether ``x`` flows through graph capture (``torch.compile``, or ``torch.export`` with
+    symbolic sizes), where code must be traceable rather than use eager-only shortcuts."""
+    return torch.compiler.is_compiling() or not all(isinstance(n, int) for n in x.shape)
+
+
 def bin_mask(length: int, size: int) -> np.ndarray:
     """(size, length) bool: which of ``length`` positions each of ``size`` adaptive-pooling bins averages."""
     return (_averaging_matrix(length, (size,), torch.device("cpu"), torch.float64) > 0).numpy()
@@ -77,8 +83,7 @@ class PyramidSampling(nn.Module):
         B, C, H, W = x.shape
         # Eager calls use the cache; graph capture (torch.compile, torch.export for ONNX) must
         # see the bins computed from the input's size, else a dynamic size is baked in.
-        traced = torch.compiler.is_compiling() or not isinstance(H, int) or not isinstance(W, int)
-        bins = _averaging_matrix if traced else _bins
+        bins = _averaging_matrix if graph_captured(x) else _bins
         rows = bins(H, self.sizes, x.device, x.dtype)  # (T, H), T = sum(sizes)
         cols = bins(W, self.sizes, x.device, x.dtype)  # (T, W)
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

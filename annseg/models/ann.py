@@ -93,6 +93,7 @@ class ANN(nn.Module):
         )
         self.channels_last = channels_last
         self.checkpoint_backbone = False
+        self.folded = False  # set by fuse_for_inference()
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -121,7 +122,7 @@ class ANN(nn.Module):
         """
         if self.training:
             raise RuntimeError("fuse_for_inference() folds BatchNorm running statistics; call .eval() first")
-        if getattr(self, "folded", False):
+        if self.folded:
             return self
         for block in (self.afnb, self.apnb):
             if block is not None:
