@@ -73,8 +73,16 @@ class AFNB(nn.Module):
         )
 
     def forward(self, low: Tensor, high: Tensor) -> Tensor:
+        context = self.attend(low, high)  # (B, N, Cv)
+        return finish_block(self, context, to_tokens(high), high, tuple(high.shape[-2:]))
+
+    def attend(self, low: Tensor, high: Tensor) -> Tensor:
+        """The attention's output O, (B, N, Cv) at high's N positions, before W and the fusion.
+
+        ``ANN.fuse_for_inference`` composes what follows (W, fusion, the context conv) into
+        one conv (``FoldedContext``) that reads O and ``high``.
+        """
         H, W = high.shape[-2:]
-        high_tokens = to_tokens(high)  # (B, N, C_high)
         (query,), _ = project_and_sample(high, [self.query])  # (B, N, Ck); its gradient in high's layout
         if isinstance(self.sample, PyramidSampling):
             # Pool first, then project: exact, since sampling is linear and the projection affine.
@@ -85,9 +93,7 @@ class AFNB(nn.Module):
         anchor_keys = self.sample(to_map(key, *low.shape[-2:])).transpose(1, 2)  # (B, S, Ck)
         if self.probe is not None:  # the weights of a few queries, for a picture of them
             self.probe.record(query, anchor_keys, (H, W), tuple(low.shape[-2:]))
-        context = attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
-        del query, key, anchor_keys, anchor_values  # free them before the wide output is built
-        return finish_block(self, context, high_tokens, high, (H, W))
+        return attention(query, anchor_keys, anchor_values, fused=self.fused_attention)  # (B, N, Cv)
 
     def fuse_for_inference(self) -> "AFNB":
         """Fold every BatchNorm into its conv, and W into the fusion conv (eval mode only).

@@ -72,7 +72,7 @@ class Projection(nn.Module):
         if self.bn is None:
             return
         weight, bias = fold_batchnorm(self.conv.weight.flatten(1), self.conv.bias, self.bn)
-        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, 1).to(weight.device)
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, 1).to(weight.device, weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(weight[:, :, None, None])
             conv.bias.copy_(bias)
@@ -229,6 +229,47 @@ class FoldedOutput(nn.Module):
         weight = self.input_weight.t().to(out.dtype).expand(out.shape[0], -1, -1)
         out = out.baddbmm_(tokens.to(out.dtype), weight)  # accumulate in place: no second map
         return out.relu_() if self.act else out
+
+
+class FoldedContext(nn.Module):
+    """A block's eval-mode affine output (``FoldedOutput`` without ReLU) and the conv that reads it, as one.
+
+    In ANN, AFNB's fusion ends in BatchNorm without ReLU, so in eval mode its output
+    ``F_o O + F_x X + c`` is affine and the 3x3 context conv ``K`` reads it directly:
+    ``K * (F_o O + F_x X + c) = (K F_x) * X + (K F_o) * O + K * c``. ``K F_x`` has the context
+    conv's own shape, so AFNB's C_in -> C_out map over every position (for ResNet-50/101
+    2048 -> 2048, about 29 of the head's 116 GMACs at 512x1024) and its output are never built;
+    ``K F_o`` is a small conv on the Cv-channel attention output. ``K * c`` is not a constant:
+    the zero padding sees c only inside the map, so it is a bias map made by convolving a map
+    of ones with the per-tap vectors ``K_t c``. Exact up to rounding (weights composed in float64).
+    """
+
+    def __init__(self, output: FoldedOutput, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if output.act or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise TypeError(f"FoldedContext composes an affine FoldedOutput with a zero-padded, ungrouped conv, "
+                            f"got act={output.act} and {conv}")
+        kernel = conv.weight.double()  # (C_ctx, C_out, kh, kw)
+        compose = lambda weight: torch.einsum("omhw,mi->oihw", kernel, weight.double())  # noqa: E731
+        dtype = conv.weight.dtype
+        self.input_weight = nn.Parameter(compose(output.input_weight).to(dtype).contiguous(
+            memory_format=torch.channels_last))  # (C_ctx, C_in, kh, kw)
+        self.context_weight = nn.Parameter(compose(output.context_weight).to(dtype).contiguous(
+            memory_format=torch.channels_last))  # (C_ctx, Cv, kh, kw)
+        self.tap_bias = nn.Parameter(torch.einsum("omhw,m->ohw", kernel, output.bias.double())
+                                     .unsqueeze(1).to(dtype))  # (C_ctx, 1, kh, kw): K_t c per tap
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, context: Tensor, x: Tensor) -> Tensor:
+        """context (B, N, Cv) at x's positions, x (B, C_in, H, W) -> (B, C_ctx, H', W')."""
+        geometry = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+        out = F.conv2d(x, self.input_weight.to(x.dtype), **geometry)
+        out = out.add_(F.conv2d(to_map(context, *x.shape[-2:]).to(out.dtype), self.context_weight.to(out.dtype),
+                                **geometry))  # accumulate in place: no third map
+        ones = x.new_ones(1, 1, *x.shape[-2:], dtype=out.dtype)  # where the padding sees c
+        bias = None if self.bias is None else self.bias.to(out.dtype)
+        return out.add_(F.conv2d(ones, self.tap_bias.to(out.dtype), bias, **geometry))
 
 
 def conv_bn_act(

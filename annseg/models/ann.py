@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from annseg.layers import AFNB, APNB, NonLocal2d, conv_bn_act
+from annseg.layers.conv import FoldedContext
 from annseg.layers.folding import fold_conv_batchnorms
 from annseg.models.backbones import Backbone
 
@@ -94,6 +95,7 @@ class ANN(nn.Module):
         self.channels_last = channels_last
         self.checkpoint_backbone = False
         self.folded = False  # set by fuse_for_inference()
+        self.afnb_context: FoldedContext | None = None  # AFNB's output + context conv, by fuse_for_inference()
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -104,8 +106,11 @@ class ANN(nn.Module):
             low, high = self.backbone.checkpointed(image)
         else:
             low, high = self.backbone(image)  # layer3 (B, C3, h, w), layer4 (B, C4, h, w); h = H/8 at stride 8
-        x = high if self.afnb is None else self.afnb(low, high)  # (B, C4, h, w); AFNB pools low's anchors
-        x = self.context(x)  # (B, 512, h, w)
+        if self.afnb_context is not None:  # folded: AFNB's output is never built, the conv reads O and high
+            x = self.context(self.afnb_context(self.afnb.attend(low, high), high))  # context[0] is folded in
+        else:
+            x = high if self.afnb is None else self.afnb(low, high)  # (B, C4, h, w); AFNB pools low's anchors
+            x = self.context(x)  # (B, 512, h, w)
         if self.apnb is not None:
             x = self.apnb(x)
         logits = self._upsample(self.classifier(x), image)
@@ -115,7 +120,8 @@ class ANN(nn.Module):
 
     def fuse_for_inference(self) -> "ANN":
         """Fold for inference: the blocks' ``fuse_for_inference()``, then every other BatchNorm
-        into the conv before it (backbone and heads, ``fold_conv_batchnorms``).
+        into the conv before it (backbone and heads, ``fold_conv_batchnorms``), then AFNB's
+        affine output into the context conv that reads it (``FoldedContext``).
 
         Exact up to rounding (checked on an example input); eval mode only, and the network
         can no longer be trained. ``annseg.load`` returns a folded network. Returns the network.
@@ -130,8 +136,27 @@ class ANN(nn.Module):
         weight = next(self.parameters())
         example = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
         fold_conv_batchnorms(self, example)
+        self._fold_afnb_into_context(example)
         self.folded = True
         return self
+
+    def _fold_afnb_into_context(self, example: Tensor, tolerance: float = 1e-4) -> None:
+        """Compose AFNB's folded output (affine: its fusion has no ReLU) with the context conv,
+        once that conv's BatchNorm is folded; checked on ``example`` like the BatchNorm folding."""
+        output = None if self.afnb is None else self.afnb.folded
+        conv = self.context[0]
+        if (output is None or output.act or not isinstance(self.context[1], nn.Identity)
+                or not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.padding_mode != "zeros"):
+            return
+        with torch.no_grad():
+            before = self(example)
+            self.afnb_context, self.context[0] = FoldedContext(output, conv), nn.Identity()
+            after = self(example)
+        error = float((after - before).abs().max()) / max(float(before.abs().max()), 1e-12)
+        if not error <= tolerance:
+            self.afnb_context, self.context[0] = None, conv
+            raise RuntimeError(f"folding AFNB into the context conv changed the output by {error:.2e} of its "
+                               f"largest value (tolerance {tolerance:.0e}); the network is left as it was")
 
     def _feature_channels(self, output_stride: int) -> tuple[int, int]:
         """The backbone's (low, high) channels, checked against what AFNB and the heads need."""

@@ -56,7 +56,11 @@ def test_weights_are_those_inside_the_blocks_forward(model, block: str) -> None:
     values, both caught from the network's real (fused-kernel) forward by hooks."""
     module = getattr(model.network, block)
     caught: dict[str, torch.Tensor] = {}
-    output = module.out if module.folded is None else module.folded  # annseg.load folds W into the fusion
+    # What reads the attention's output O: annseg.load folds W into the fusion, and AFNB's
+    # folded output into the context conv.
+    output = module.out if module.folded is None else module.folded
+    if block == "afnb" and model.network.afnb_context is not None:
+        output = model.network.afnb_context
     hooks = [output.register_forward_pre_hook(lambda m, inputs: caught.update(context=inputs[0])),
              module.value.register_forward_hook(lambda m, inputs, output: caught.update(values=output))]
     try:

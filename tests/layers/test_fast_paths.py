@@ -133,3 +133,32 @@ def test_apnb_backward_builds_one_input_sized_gradient():
     with counter:
         out.backward(grad)
     assert counter.count == 1  # x.grad, written once; autograd alone makes two and adds them
+
+
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(padding=2, dilation=2), dict(padding=1, stride=2),
+                                      dict(padding=0)])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_folded_context_is_the_conv_of_afnbs_folded_output(geometry, conv_bias):
+    """K * (F_o O + F_x X + c) as (K F_x) * X + (K F_o) * O + a bias map, at the borders too (odd sizes)."""
+    from torch import nn
+
+    from annseg.layers.conv import FoldedContext
+
+    torch.manual_seed(0)
+    block = randomize(AFNB(6, 10, key_channels=4, value_channels=5)).double().eval().fuse_for_inference()
+    conv = nn.Conv2d(10, 7, 3, bias=conv_bias, **geometry).double()
+    low, high = torch.randn(2, 6, 9, 7, dtype=torch.float64), torch.randn(2, 10, 11, 13, dtype=torch.float64)
+    with torch.no_grad():
+        expected = conv(block(low, high))
+        folded = FoldedContext(block.folded, conv)(block.attend(low, high), high)
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+
+
+def test_folded_context_refuses_an_output_with_relu():
+    from torch import nn
+
+    from annseg.layers.conv import FoldedContext
+
+    block = randomize(APNB(8, key_channels=4, value_channels=4)).eval().fuse_for_inference()  # fusion ends in ReLU
+    with pytest.raises(TypeError, match="affine"):
+        FoldedContext(block.folded, nn.Conv2d(8, 3, 3, padding=1))

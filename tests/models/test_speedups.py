@@ -43,7 +43,23 @@ def test_fuse_for_inference_folds_every_batchnorm_and_keeps_the_logits():
     left = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     # The blocks' fusion BatchNorms are folded into FoldedOutput; the aux head is not run in eval mode.
     assert all(name.startswith("aux_head") for name in left), left
+    # AFNB's affine output and the context conv are one FoldedContext: the conv's own weight is gone.
+    assert model.afnb_context is not None and isinstance(model.context[0], nn.Identity)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-4 * before.abs().max().item())
+
+
+def test_folding_afnb_into_the_context_conv_is_exact_in_float64():
+    model = _randomized().double().eval()
+    for m in model.modules():  # non-zero shifts, so the border-aware bias map matters
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.bias, -1, 1)
+    image = torch.randn(2, 3, 45, 77, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(image)
+        model.fuse_for_inference()
+        after = model(image)
+    assert model.afnb_context is not None
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-10 * before.abs().max().item())
     assert model.fuse_for_inference() is model  # folding twice is a no-op
 
 
@@ -78,6 +94,7 @@ def test_annseg_load_folds_and_keeps_the_argmax_on_the_built_in_validation_set(t
     folded, plain = annseg.load(tmp_path / "m.ckpt"), annseg.load(tmp_path / "m.ckpt", fuse=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.network.backbone.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in plain.network.backbone.modules())
+    assert folded.network.afnb_context is not None and plain.network.afnb_context is None
     config = load_config(None, [*TINY, "data.val_length=12"])
     dataset = build_dataset(config.data, config.data.val_split, None, config.data.val_length)
     images = [dataset[i]["image"].as_subclass(torch.Tensor) for i in range(len(dataset))]
