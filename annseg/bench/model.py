@@ -4,7 +4,9 @@ Each (model, image size) runs in a fresh subprocess, in eval mode on one image. 
 the median of ``repeats`` forward passes (CUDA events on a GPU); peak memory is measured
 above the built model and its input. The share of each part (backbone, AFNB, APNB or NB,
 head = everything else: context conv, classifier, upsampling) comes from separate passes
-timed with hooks that synchronise the device at each part's boundaries.
+timed with hooks that synchronise the device at each part's boundaries. When AFNB is folded
+into the context conv (``FoldedContext``), AFNB's part is its attention and the composed conv
+less the context conv's share (``input_conv``, of the context conv's shape).
 """
 
 from __future__ import annotations
@@ -100,6 +102,23 @@ def _part_times(model: nn.Module, image: torch.Tensor, device: torch.device, rep
             spans[part] += time.perf_counter()
 
         handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+    composed = getattr(model, "afnb_context", None)
+    if composed is not None:
+        # Folded AFNB: its attention runs as ``afnb.attend`` and its fusion inside the composed context
+        # conv. AFNB's part is the attention plus that conv minus its ``input_conv`` (the context conv's
+        # shape and cost, which stays in the head's share as before the composition).
+        for name, module in (("afnb_context", composed), ("context_input", composed.input_conv)):
+            handles += [module.register_forward_pre_hook(lambda *_, n=name: start(part=n)),
+                        module.register_forward_hook(lambda *_, n=name: stop(part=n))]
+        attend = model.afnb.attend
+
+        def timed_attend(*args: torch.Tensor) -> torch.Tensor:
+            start(part="afnb")
+            out = attend(*args)
+            stop(part="afnb")
+            return out
+
+        model.afnb.attend = timed_attend  # an instance attribute, removed below
     runs: dict[str, list[float]] = {part: [] for part in PARTS}
     try:
         for _ in range(repeats):
@@ -109,12 +128,16 @@ def _part_times(model: nn.Module, image: torch.Tensor, device: torch.device, rep
             model(image)
             sync()
             total = time.perf_counter() - begin
+            if composed is not None:
+                spans["afnb"] += spans.pop("afnb_context") - spans.pop("context_input")
             for part in ("backbone", "afnb", "apnb"):
                 runs[part].append(spans.get(part, 0.0) * 1000)
             runs["head"].append(total * 1000 - sum(spans.values()) * 1000)
     finally:
         for handle in handles:
             handle.remove()
+        if composed is not None:
+            del model.afnb.attend
     return {part: statistics.median(values) for part, values in runs.items()}
 
 

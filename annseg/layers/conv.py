@@ -135,8 +135,9 @@ class _ProjectAndSample(torch.autograd.Function):
                 grad_x = to_map(torch.matmul(grad_projected, weight), H, W)
             if grad_sampled is not None:
                 ctx.sample.accumulate_transpose(grad_sampled, grad_x)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.bmm(grad_projected.transpose(1, 2), to_tokens(x).to(grad_projected.dtype)).sum(0)
+        if ctx.needs_input_grad[1]:  # summed over the batch inside the product: no (B, C_out, C) intermediate
+            grad_weight = torch.addbmm(grad_projected.new_zeros(()).expand(weight.shape), grad_projected.transpose(1, 2),
+                                       to_tokens(x).to(grad_projected.dtype), beta=0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_projected.sum((0, 1))
         return grad_x, grad_weight, grad_bias, None
@@ -144,6 +145,8 @@ class _ProjectAndSample(torch.autograd.Function):
 
 def _stacked(projections: Sequence[Projection]) -> tuple[Tensor, Tensor | None]:
     """The convs of ``projections`` as one (sum C_out, C_in) weight and bias (zeros where a conv has none)."""
+    if len(projections) == 1:  # a view: no copy of the weight in the forward, none of its gradient in the backward
+        return projections[0].conv.weight.flatten(1), projections[0].conv.bias
     weight = torch.cat([p.conv.weight.flatten(1) for p in projections])  # (sum C_out, C_in)
     biases = [p.conv.bias for p in projections]
     if all(b is None for b in biases):
@@ -252,8 +255,12 @@ class FoldedContext(nn.Module):
         kernel = conv.weight.double()  # (C_ctx, C_out, kh, kw)
         compose = lambda weight: torch.einsum("omhw,mi->oihw", kernel, weight.double())  # noqa: E731
         dtype = conv.weight.dtype
-        self.input_weight = nn.Parameter(compose(output.input_weight).to(dtype).contiguous(
-            memory_format=torch.channels_last))  # (C_ctx, C_in, kh, kw)
+        # K F_x: the context conv's own shape, reading the block's input instead of its output.
+        self.input_conv = nn.Conv2d(output.input_weight.shape[1], conv.out_channels, conv.kernel_size, conv.stride,
+                                    conv.padding, conv.dilation, bias=False).to(conv.weight.device, dtype)
+        with torch.no_grad():
+            self.input_conv.weight.copy_(compose(output.input_weight))
+        self.input_conv.to(memory_format=torch.channels_last)
         self.context_weight = nn.Parameter(compose(output.context_weight).to(dtype).contiguous(
             memory_format=torch.channels_last))  # (C_ctx, Cv, kh, kw)
         self.tap_bias = nn.Parameter(torch.einsum("omhw,m->ohw", kernel, output.bias.double())
@@ -264,7 +271,7 @@ class FoldedContext(nn.Module):
     def forward(self, context: Tensor, x: Tensor) -> Tensor:
         """context (B, N, Cv) at x's positions, x (B, C_in, H, W) -> (B, C_ctx, H', W')."""
         geometry = dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
-        out = F.conv2d(x, self.input_weight.to(x.dtype), **geometry)
+        out = self.input_conv(x)
         out = out.add_(F.conv2d(to_map(context, *x.shape[-2:]).to(out.dtype), self.context_weight.to(out.dtype),
                                 **geometry))  # accumulate in place: no third map
         ones = x.new_ones(1, 1, *x.shape[-2:], dtype=out.dtype)  # where the padding sees c

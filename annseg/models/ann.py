@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from annseg.layers import AFNB, APNB, NonLocal2d, conv_bn_act
 from annseg.layers.conv import FoldedContext
 from annseg.layers.folding import fold_conv_batchnorms
+from annseg.layers.recompute import RecomputeNormAct
 from annseg.models.backbones import Backbone
 
 Variant = Literal["fcn", "nb", "apnb", "afnb", "ann"]
@@ -38,7 +40,10 @@ class ANN(nn.Module):
 
     ``channels_last`` (default) keeps weights and activations in NHWC, the layout oneDNN and
     cuDNN convolve fastest; the same function. ``fused_fusion``: the blocks' W and fusion conv
-    as one product (see ``APNB``). Set ``checkpoint_backbone = True`` to recompute the
+    as one product (see ``APNB``). ``recompute_norm_act`` (default): in training, keep each
+    BatchNorm's input and rebuild its ReLU output (and a residual block's output) in the
+    backward instead of keeping both (``RecomputeNormAct``): less activation memory at about
+    the same speed, bit for bit the same gradients. Set ``checkpoint_backbone = True`` to recompute the
     backbone's activations in the backward instead of keeping them (less memory, about one
     more backbone forward of time; the same gradients).
     """
@@ -63,6 +68,7 @@ class ANN(nn.Module):
         fused_attention: bool = True,
         fused_fusion: bool = True,
         channels_last: bool = True,
+        recompute_norm_act: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -93,6 +99,7 @@ class ANN(nn.Module):
             nn.Conv2d(aux_channels, num_classes, 1),
         )
         self.channels_last = channels_last
+        self.recompute_norm_act = recompute_norm_act
         self.checkpoint_backbone = False
         self.folded = False  # set by fuse_for_inference()
         self.afnb_context: FoldedContext | None = None  # AFNB's output + context conv, by fuse_for_inference()
@@ -102,10 +109,20 @@ class ANN(nn.Module):
     def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        if self.checkpoint_backbone and self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        # A compiled graph plans its own memory; a checkpointed backbone keeps none of its maps.
+        recompute = self.recompute_norm_act and training and not torch.compiler.is_compiling()
+        memory = RecomputeNormAct() if recompute else contextlib.nullcontext()
+        if self.checkpoint_backbone and training:
             low, high = self.backbone.checkpointed(image)
-        else:
+            with memory:
+                return self._heads(low, high, image)
+        with memory:
             low, high = self.backbone(image)  # layer3 (B, C3, h, w), layer4 (B, C4, h, w); h = H/8 at stride 8
+            return self._heads(low, high, image)
+
+    def _heads(self, low: Tensor, high: Tensor, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Everything after the backbone: eval mode the main logits, training mode (main, aux)."""
         if self.afnb_context is not None:  # folded: AFNB's output is never built, the conv reads O and high
             x = self.context(self.afnb_context(self.afnb.attend(low, high), high))  # context[0] is folded in
         else:

@@ -10,6 +10,9 @@ Not part of annseg: annseg never imports it. Two pieces of work, each side in a 
   mmseg``; mmseg's ``encode_decode`` against ``annseg.load(converted)``'s forward, both under
   ``torch.inference_mode()``. Both sides' argmax and logits are compared once on that input.
 
+Both sides' arithmetic is counted once too (torch's ``FlopCounterMode``: convolutions and matrix
+products, forward and backward), so that a time ratio can be read against the FLOP ratio.
+
 Time is the median of ``--repeats`` runs after ``--warmup``; peak memory is the high-water mark
 over those runs above what the built model and its inputs hold (``annseg.bench.train.measure_step``
 for both sides). annseg's opt-in levers (bf16 autocast, torch.compile) are extra rows beside the
@@ -37,6 +40,7 @@ import tempfile
 import types
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +48,7 @@ import torch
 from annseg.bench.blocks import resolve_device, update_readme
 from annseg.bench.machine import describe
 from annseg.bench.runner import autocast, machine_line, run_process
-from annseg.bench.train import SGD, measure_step, measure_train, random_batch
+from annseg.bench.train import SGD, measure_step, measure_train, random_batch, training_step
 
 README_START = "<!-- mmseg side by side: start -->"
 README_END = "<!-- mmseg side by side: end -->"
@@ -183,13 +187,46 @@ def work_prepare(r: dict) -> dict[str, object]:
     save_mmseg_checkpoint(folder / "mmseg_ann_r50.pth", 64, 128)
     convert(folder / "mmseg_ann_r50.pth", folder / "annseg_ann_r50.pt")
     torch.set_num_threads(r["threads"])
-    x = eval_input(height, width, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    x = eval_input(height, width, cpu)
+    mmseg_model, annseg_network = load_mmseg_checkpoint(folder / "mmseg_ann_r50.pth", cpu), annseg.load(
+        folder / "annseg_ann_r50.pt")
     with torch.inference_mode():
-        theirs = load_mmseg_checkpoint(folder / "mmseg_ann_r50.pth", torch.device("cpu")).encode_decode(
-            x, [_metas(height, width)])
-        ours = annseg.load(folder / "annseg_ann_r50.pt")(x)
+        theirs = mmseg_model.encode_decode(x, [_metas(height, width)])
+        ours = annseg_network(x)
+        flops = {"eval": {"annseg": count_gflop(lambda: annseg_network(x)),
+                          "mmseg": count_gflop(lambda: mmseg_model.encode_decode(x, [_metas(height, width)]))}}
+    flops["train"] = train_gflop(r["batch"], *r["train_size"])
     return {"argmax_agreement": (ours.argmax(1) == theirs.argmax(1)).double().mean().item(),
-            "max_abs_logit_diff": (ours - theirs).abs().max().item(), "logit_scale": theirs.abs().max().item()}
+            "max_abs_logit_diff": (ours - theirs).abs().max().item(), "logit_scale": theirs.abs().max().item(),
+            "gflop": flops}
+
+
+def count_gflop(run: Callable[[], object]) -> float:
+    """Floating-point operations of ``run()`` in G, as torch's FlopCounterMode counts them
+    (convolutions and matrix products, forward and backward; 2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / 1e9
+
+
+def train_gflop(batch: int, height: int, width: int) -> dict[str, float]:
+    """Both sides' training step, counted once on the CPU after one step that builds SGD's buffers."""
+    from annseg.models import create_model
+    from annseg.models.zoo import MMSEG_OPTIONS
+
+    cpu = torch.device("cpu")
+    images, masks = random_batch(batch, height, width, cpu)
+    steps = {"annseg": training_step(create_model("ann_resnet50", num_classes=NUM_CLASSES, **MMSEG_OPTIONS),
+                                     images, masks, cpu)[0],
+             "mmseg": mmseg_train_step(build_mmseg(cpu), images, masks)}
+    counts = {}
+    for side, step in steps.items():
+        step()
+        counts[side] = count_gflop(step)
+    return counts
 
 
 def work_case(r: dict) -> dict[str, object]:
@@ -317,6 +354,12 @@ def render_markdown(result: dict) -> str:
         lines += ["", f"Both sides compute the same function: on the eval input their argmax agrees at "
                   f"{100 * a['argmax_agreement']:.3f}% of pixels, the largest logit difference is "
                   f"{a['max_abs_logit_diff']:.2e} (logits up to {a['logit_scale']:.2f})."]
+        if "gflop" in a:
+            counted = "; ".join(f"{works[w].split(',')[0]}: annseg {g['annseg']:,.0f} GFLOP, mmseg {g['mmseg']:,.0f} "
+                                f"({g['annseg'] / g['mmseg']:.2f}x)" for w, g in a["gflop"].items())
+            lines += ["", f"Arithmetic of each side (torch's FlopCounterMode: convolutions and matrix products, "
+                      f"forward and backward), fp32: {counted}. Both sides run the same oneDNN / cuDNN kernels, so "
+                      f"where those dominate, the time ratio follows this ratio."]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 

@@ -49,6 +49,16 @@ def test_render_gives_the_rows_and_ratios(peers):
     assert "| compile | out of memory | - | - |" in text
     assert "mmsegmentation 1.2.2" in text and "Some CPU" in text and "100.000% of pixels" in text
     assert "Command: `python benchmarks/peers/mmseg_ann.py --threads 2`" in text
+    assert "Arithmetic" not in text  # results without FLOP counts render as before
+
+
+def test_render_gives_both_sides_flop_counts(peers):
+    result = _result()
+    result["agreement"]["gflop"] = {"eval": {"annseg": 600.0, "mmseg": 750.0},
+                                    "train": {"annseg": 1200.0, "mmseg": 1500.0}}
+    text = peers.render_markdown(result)
+    assert "eval forward: annseg 600 GFLOP, mmseg 750 (0.80x)" in text
+    assert "training step: annseg 1,200 GFLOP, mmseg 1,500 (0.80x)" in text
 
 
 def test_readme_replaces_only_the_marked_block(peers, tmp_path):
