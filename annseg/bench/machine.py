@@ -38,6 +38,18 @@ def matmul_gflops(device: torch.device, size: int = 4096, repeats: int = 3) -> f
     return 2 * size**3 / best / 1e9
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls and convolutions natively: a GPU that supports bf16,
+    or a CPU with AVX512-BF16 or AMX. Elsewhere torch falls back to slow reference kernels
+    (a 2048-wide matmul about a hundred times slower than in fp32), so bf16 timings would
+    measure the fallback, not bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def describe(device: torch.device, threads: int) -> dict[str, object]:
     """Machine, software and device facts recorded beside every result."""
     info: dict[str, object] = {

@@ -113,13 +113,17 @@ def run_named_models(
     Unknown models, options and precisions are refused before any worker starts.
     """
     from annseg.bench.blocks import resolve_device
-    from annseg.bench.machine import describe
+    from annseg.bench.machine import cpu_name, describe, native_bf16
     from annseg.models.zoo import parameter_count
 
     autocast(torch.device("cpu"), request["precision"])
     for name in models:  # create_model's own message; built on the meta device, which takes no memory
         parameter_count(name, 19, **request["options"])
     dev = resolve_device(device)
+    if request["precision"] == "bf16" and not native_bf16(dev):
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+        raise ValueError(f"--precision bf16: {dev} ({name}) has no native bf16 kernels (a CPU needs AVX512-BF16 or "
+                         f"AMX); torch would fall back to slow reference kernels and time those, not bf16")
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     result = BenchResult(kind, command, describe(dev, threads), repeats, warmup)

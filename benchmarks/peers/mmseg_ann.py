@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from annseg.bench.blocks import resolve_device, update_readme
-from annseg.bench.machine import describe
+from annseg.bench.machine import describe, native_bf16
 from annseg.bench.runner import autocast, machine_line, run_process
 from annseg.bench.train import SGD, measure_step, measure_train, random_batch, training_step
 
@@ -286,6 +286,12 @@ def run_all(args: argparse.Namespace) -> dict[str, object]:
     plan = [(side, work, "fp32") for work in WORKS for side in ("annseg", "mmseg")]
     plan += [("annseg", work, lever) for work in WORKS for lever in LEVERS[work] if lever in args.levers]
     cases = []
+    if not native_bf16(device):  # torch's bf16 fallback would be timed, not bf16
+        skipped = [case for case in plan if case[2] == "bf16"]
+        plan = [case for case in plan if case[2] != "bf16"]
+        cases += [{"side": side, "work": work, "lever": lever,
+                   "error": "not measured: no native bf16 on this device (a CPU needs AVX512-BF16 or AMX)"}
+                  for side, work, lever in skipped]
     with tempfile.TemporaryDirectory(prefix="mmseg-ann-") as folder:
         agreement = _run({**base, "side": "prepare", "folder": folder})
         print(f"[prepare] {agreement}", file=sys.stderr, flush=True)

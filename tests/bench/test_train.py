@@ -110,9 +110,18 @@ def test_bench_model_takes_the_same_levers(tmp_path, monkeypatch, capsys):
     machine = {"device": "cpu", "device_name": "cpu", "threads": 1, "torch": torch.__version__,
                "matmul_4096_fp32_gflops": 1.0}
     monkeypatch.setattr(bench_machine, "describe", lambda device, threads: machine)  # the yardstick takes seconds
+    monkeypatch.setattr(bench_machine, "native_bf16", lambda device: True)  # the plumbing, on any CPU
     out = tmp_path / "model"
     main(["bench", "model", "--models", "apnb_resnet18", "--sizes", "32x32", "--repeats", "1", "--threads", "1",
           "--precision", "bf16", "--option", "head_channels=32", "--out", str(out)])
     (case,) = json.loads((out / "results.json").read_text())["cases"]
     assert case["precision"] == "bf16" and case["options"] == {"head_channels": 32} and not case["compile"]
     assert "bf16 autocast, create_model options head_channels=32" in (out / "results.md").read_text()
+
+
+def test_bf16_is_refused_where_torch_would_time_its_fallback(monkeypatch):
+    from annseg.bench import machine as bench_machine
+
+    monkeypatch.setattr(bench_machine, "native_bf16", lambda device: False)
+    with pytest.raises(SystemExit, match="--precision bf16: cpu .* has no native bf16 kernels"):
+        main(["bench", "train", "--models", "ann_resnet18", "--sizes", "32x32", "--precision", "bf16"])
