@@ -1,88 +1,116 @@
-"""Training on the CPU: a channels-last conv's weight gradient computed another way.
+"""Training on the CPU: a channels-last conv's weight gradient as matrix products.
 
 oneDNN convolves channels-last (NHWC) maps faster than NCHW ones, forward and for the input
-gradient, but its NHWC *weight* gradient can be much slower. On a 2-core AVX2 EPYC, ANN's 3x3
-context conv (2048 -> 512, 2x48x48) takes 1,657 ms for its NHWC weight gradient against 719 ms
-in NCHW, the auxiliary head's 3x3 conv (1024 -> 256) 322 against 164 ms, and a 1x1 conv
-(1024 -> 2048) 174 ms against 108 ms for the same product as one matmul; forward and input
-gradient are 5-30% faster in NHWC. While ``NchwWeightGrad`` is active, every channels-last
-conv on the CPU keeps its NHWC forward and input gradient and takes its weight (and bias)
-gradient either from NCHW copies of its input and output gradient (k x k kernels; the copies
-are made in the backward and freed after it) or, for a 1x1 conv of stride 1, as one matmul of
-the NHWC maps' tokens (no copy). The same gradients up to float re-association.
+gradient, but its NHWC *weight* gradient can be much slower. On a 2-core AVX2 EPYC, the weight
+gradient of ANN's 3x3 context conv (2048 -> 512, 2x48x48) takes 1,733 ms in NHWC, 790 ms
+through NCHW copies, and 701 ms as the nine matrix products below; a 1x1 conv (1024 -> 2048)
+174 ms against 108 ms as one product. While ``MatmulWeightGrad`` is active, a channels-last
+conv on the CPU keeps oneDNN's NHWC forward and input gradient, and computes its weight (and
+bias) gradient from the NHWC maps' tokens, (B*H*W, C) views:
+
+- 1x1, stride 1: ``dW = dY^T X``, one matmul, no copy;
+- k x k with at least ``MIN_TAP_CHANNELS`` input channels: per kernel tap (i, j),
+  ``dW[:, :, i, j] = dY_t^T X_t`` over the output positions whose input position lies inside
+  the map (zero padding contributes nothing), with X_t the input shifted by the tap (one copy
+  of the input at a time, freed after its product).
+
+Narrow convs (the stem) stay with oneDNN: their products are too thin to pay. The same
+gradients up to float re-association (``tests/layers/test_conv_grad.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+MIN_TAP_CHANNELS = 128  # below this, a tap's (C_out x N) @ (N x C_in) product is too thin to beat oneDNN
 
-class NchwWeightGrad(TorchFunctionMode):
-    """Context for a training forward on the CPU: channels-last k x k convs get their weight
-    gradient in NCHW (``_ConvNchwWeightGrad``)."""
+
+class MatmulWeightGrad(TorchFunctionMode):
+    """Context for a training forward on the CPU: channels-last convs take their weight gradient
+    as matrix products (``_ConvMatmulWeightGrad``) where that pays."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func is F.conv2d and _applies(*args, **kwargs):
-            return _ConvNchwWeightGrad.apply(*_conv_arguments(*args, **kwargs))
+        if func is F.conv2d:
+            conv = _conv_arguments(*args, **kwargs)
+            if conv is not None and _applies(*conv):
+                return _ConvMatmulWeightGrad.apply(*conv)
         return func(*args, **kwargs)
 
 
-def _conv_arguments(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-                    dilation=1, groups: int = 1) -> tuple:
-    """``F.conv2d``'s arguments, pairs spelt out (``convolution_backward`` wants lists)."""
-    pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+def _conv_arguments(input: object, weight: object, bias: object = None, stride=1, padding=0, dilation=1,
+                    groups: int = 1) -> tuple | None:
+    """``F.conv2d``'s arguments with pairs spelt out as lists, or None for a string padding ('same')."""
+    if isinstance(padding, str):
+        return None
+    pair = lambda v: [int(v[0]), int(v[1])] if isinstance(v, (tuple, list)) else [int(v), int(v)]  # noqa: E731
     return input, weight, bias, pair(stride), pair(padding), pair(dilation), groups
 
 
-def _applies(input: object, weight: object, bias: object = None, stride=1, padding=0, dilation=1,
-             groups: int = 1) -> bool:
-    return (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.device.type == "cpu"
-            and torch.is_grad_enabled() and weight.requires_grad and not isinstance(padding, str)
-            and groups == 1 and input.dim() == 4 and (tuple(weight.shape[-2:]) != (1, 1) or _pointwise(stride, padding))
+def _applies(input: object, weight: object, bias: object, stride: list[int], padding: list[int],
+             dilation: list[int], groups: int) -> bool:
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.device.type == "cpu"
+            and input.dim() == 4 and groups == 1 and torch.is_grad_enabled() and weight.requires_grad
             and input.dtype == weight.dtype and not torch.is_autocast_enabled("cpu")
-            and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last))
+            and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if tuple(weight.shape[-2:]) == (1, 1):
+        return stride == [1, 1] and padding == [0, 0]
+    return weight.shape[1] >= MIN_TAP_CHANNELS
 
 
-def _pointwise(stride: object, padding: object) -> bool:
-    """A 1x1 conv's stride and padding leave every output position reading its own input position."""
-    return all(v in (1, (1, 1), [1, 1]) for v in (stride,)) and all(v in (0, (0, 0), [0, 0]) for v in (padding,))
-
-
-class _ConvNchwWeightGrad(torch.autograd.Function):
-    """``F.conv2d`` whose backward takes the input gradient in the input's layout and the weight
-    gradient from NCHW copies."""
+class _ConvMatmulWeightGrad(torch.autograd.Function):
+    """``F.conv2d`` whose backward takes the input gradient from oneDNN and the weight gradient
+    as matrix products of NHWC tokens."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                 dilation: list[int], groups: int) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
+        ctx.geometry, ctx.has_bias = (stride, padding, dilation), bias is not None
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        common = (stride, padding, dilation, False, [0, 0], groups)
+        stride, padding, dilation = ctx.geometry
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, *common, [True, False, False])[0]
-        wants = [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if any(wants) and tuple(weight.shape[-2:]) == (1, 1):  # stride 1, no padding: tokens times tokens
-            out_tokens = grad_out.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])  # (B*H*W, C_out), a view
-            if wants[1]:
-                in_tokens = x.permute(0, 2, 3, 1).reshape(-1, weight.shape[1])  # (B*H*W, C_in)
-                grad_weight = (out_tokens.t() @ in_tokens).view_as(weight)  # (C_out, C_in, 1, 1)
-            if wants[2]:
-                grad_bias = out_tokens.sum(0)
-        elif any(wants):
-            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad_out.contiguous(), x.contiguous(), weight.contiguous(), [weight.shape[0]] if wants[2] else None,
-                *common, wants)
-            if grad_weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
-                grad_weight = grad_weight.contiguous(memory_format=torch.channels_last)  # the parameter's layout
+            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, stride, padding, dilation, False,
+                                                         [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_grad(grad_out, x, tuple(weight.shape), stride, padding, dilation)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def weight_grad(grad_out: Tensor, x: Tensor, shape: tuple[int, ...], stride: list[int], padding: list[int],
+                dilation: list[int]) -> Tensor:
+    """The (C_out, C_in, kh, kw) weight gradient of a conv, channels-last, from its input x
+    (B, C_in, H, W) and output gradient (B, C_out, H', W'), as one matmul per kernel tap."""
+    c_out, c_in, kh, kw = shape
+    grad = grad_out.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    rows = [_valid(grad_out.shape[2], stride[0], padding[0], i * dilation[0], x.shape[2]) for i in range(kh)]
+    cols = [_valid(grad_out.shape[3], stride[1], padding[1], j * dilation[1], x.shape[3]) for j in range(kw)]
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            if r1 <= r0 or c1 <= c0:  # the tap only ever reads padding
+                grad[:, :, i, j] = 0
+                continue
+            top, left = r0 * stride[0] - padding[0] + i * dilation[0], c0 * stride[1] - padding[1] + j * dilation[1]
+            shifted = x[:, :, top:top + (r1 - r0 - 1) * stride[0] + 1:stride[0],
+                        left:left + (c1 - c0 - 1) * stride[1] + 1:stride[1]]  # (B, C_in, h, w) read by tap (i, j)
+            out_tokens = grad_out[:, :, r0:r1, c0:c1].permute(0, 2, 3, 1).reshape(-1, c_out)  # (B*h*w, C_out)
+            grad[:, :, i, j] = out_tokens.t() @ shifted.permute(0, 2, 3, 1).reshape(-1, c_in)
+    return grad
+
+
+def _valid(n_out: int, stride: int, padding: int, offset: int, n_in: int) -> tuple[int, int]:
+    """The output indices [lo, hi) whose input index ``o * stride - padding + offset`` is inside [0, n_in)."""
+    return max(0, math.ceil((padding - offset) / stride)), min(n_out, (n_in - 1 + padding - offset) // stride + 1)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from annseg.layers import AFNB, APNB, NonLocal2d, conv_bn_act
 from annseg.layers.conv import FoldedContext
-from annseg.layers.conv_grad import NchwWeightGrad
+from annseg.layers.conv_grad import MatmulWeightGrad
 from annseg.layers.folding import fold_conv_batchnorms
 from annseg.layers.recompute import RecomputeNormAct
 from annseg.models.backbones import Backbone
@@ -44,9 +44,9 @@ class ANN(nn.Module):
     as one product (see ``APNB``). ``recompute_norm_act`` (default): in training, keep each
     BatchNorm's input and rebuild its ReLU output (and a residual block's output) in the
     backward instead of keeping both (``RecomputeNormAct``): less activation memory at about
-    the same speed, bit for bit the same gradients. ``nchw_weight_grad`` (default): in training
-    on the CPU, channels-last convs take their weight gradient in NCHW or as one matmul
-    (``NchwWeightGrad``), where oneDNN's NHWC one is slow. Set ``checkpoint_backbone = True`` to recompute the
+    the same speed, bit for bit the same gradients. ``matmul_weight_grad`` (default): in training
+    on the CPU, channels-last convs take their weight gradient as matrix products
+    (``MatmulWeightGrad``), where oneDNN's NHWC one is slow. Set ``checkpoint_backbone = True`` to recompute the
     backbone's activations in the backward instead of keeping them (less memory, about one
     more backbone forward of time; the same gradients).
     """
@@ -72,7 +72,7 @@ class ANN(nn.Module):
         fused_fusion: bool = True,
         channels_last: bool = True,
         recompute_norm_act: bool = True,
-        nchw_weight_grad: bool = True,
+        matmul_weight_grad: bool = True,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -104,7 +104,7 @@ class ANN(nn.Module):
         )
         self.channels_last = channels_last
         self.recompute_norm_act = recompute_norm_act
-        self.nchw_weight_grad = nchw_weight_grad
+        self.matmul_weight_grad = matmul_weight_grad
         self.checkpoint_backbone = False
         self.folded = False  # set by fuse_for_inference()
         self.afnb_context: FoldedContext | None = None  # AFNB's output + context conv, by fuse_for_inference()
@@ -118,7 +118,7 @@ class ANN(nn.Module):
         # A compiled graph plans its own memory; a checkpointed backbone keeps none of its maps.
         recompute = self.recompute_norm_act and training and not torch.compiler.is_compiling()
         memory = RecomputeNormAct() if recompute else contextlib.nullcontext()
-        weight_grad = (NchwWeightGrad() if self.nchw_weight_grad and training and image.device.type == "cpu"
+        weight_grad = (MatmulWeightGrad() if self.matmul_weight_grad and training and image.device.type == "cpu"
                        and not torch.compiler.is_compiling() else contextlib.nullcontext())
         if self.checkpoint_backbone and training:
             low, high = self.backbone.checkpointed(image)
