@@ -364,8 +364,8 @@ def render_markdown(result: dict) -> str:
             counted = "; ".join(f"{works[w].split(',')[0]}: annseg {g['annseg']:,.0f} GFLOP, mmseg {g['mmseg']:,.0f} "
                                 f"({g['annseg'] / g['mmseg']:.2f}x)" for w, g in a["gflop"].items())
             lines += ["", f"Arithmetic of each side (torch's FlopCounterMode: convolutions and matrix products, "
-                      f"forward and backward), fp32: {counted}. Both sides run the same oneDNN / cuDNN kernels, so "
-                      f"where those dominate, the time ratio follows this ratio."]
+                      f"forward and backward), fp32: {counted}. At the same arithmetic speed the time ratios would be "
+                      f"these."]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
