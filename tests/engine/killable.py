@@ -11,6 +11,7 @@ that a kill can land inside a validation.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,12 @@ _validation_batches = [0]
 _save = torch.save
 
 
+STEP_PAUSE = float(os.environ.get("KILLABLE_STEP_PAUSE", "0.02"))  # seconds after each step marker
+
+
 def training_step(self: SegmentationModule, batch: dict, batch_idx: int) -> torch.Tensor:
     (markers / f"step-{self.global_step + 1}").touch()
-    time.sleep(0.02)
+    time.sleep(STEP_PAUSE)
     return _training_step(self, batch, batch_idx)
 
 

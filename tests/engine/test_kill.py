@@ -24,10 +24,12 @@ RUN = tiny_cli_args("train.max_iters=10", "train.checkpoint_every=3", "train.val
 SEED = int(os.environ.get("ANNSEG_KILL_SEED", "0"))  # other seeds pick other moments
 
 
-def start(markers: Path, out: Path) -> subprocess.Popen:
+def start(markers: Path, out: Path, step_pause: float | None = None) -> subprocess.Popen:
     for marker in markers.glob("*"):
         marker.unlink()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if step_pause is not None:
+        env["KILLABLE_STEP_PAUSE"] = str(step_pause)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.engine.killable", str(markers), "train", *RUN, "--out", str(out),
          "--resume", "latest"],
@@ -108,7 +110,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_with_a_line_saying_how_to_resume(tmp_path: Path) -> None:
     markers, out = tmp_path / "markers", tmp_path / "run"
-    proc = start(markers, out)
+    # A long pause after each step marker: on a loaded machine the run could otherwise finish
+    # its last steps before this process, polling, gets to send the signal.
+    proc = start(markers, out, step_pause=1.0)
     deadline = time.monotonic() + 300
     while not (markers / "step-4").exists():  # after the checkpoint at iteration 3
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
