@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ import torch
 from annseg.cli import main
 from annseg.engine.module import SegmentationModule
 
+# Ctrl-C raises KeyboardInterrupt here as in a user's terminal, even if the process that
+# started this one ignored SIGINT (an ignored signal stays ignored across exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 markers = Path(sys.argv[1])
 markers.mkdir(parents=True, exist_ok=True)
 _training_step = SegmentationModule.training_step

@@ -119,7 +119,7 @@ def test_ctrl_c_stops_with_a_line_saying_how_to_resume(tmp_path: Path) -> None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
         f"annseg: interrupted; the checkpoints in {out / 'checkpoints'} are whole; continue with --resume latest")
     assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] >= 3
