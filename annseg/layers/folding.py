@@ -88,8 +88,7 @@ def fold_conv_batchnorms(network: nn.Module, *example: Tensor, tolerance: float 
         setattr(parent, name, nn.Identity())
     with torch.no_grad():
         after = network(*example)
-    scale = max(float(before.abs().max()), 1e-12)
-    error = float((after - before).abs().max()) / scale
+    error = relative_change(before, after)
     if not error <= tolerance:  # undo: the network is as it was
         for norm, conv in pairs:
             weight, bias = saved[id(conv)]
@@ -101,6 +100,11 @@ def fold_conv_batchnorms(network: nn.Module, *example: Tensor, tolerance: float 
         raise RuntimeError(f"folding {len(pairs)} BatchNorms changed the output by {error:.2e} of its largest value "
                            f"(tolerance {tolerance:.0e}); the network is left unfolded")
     return len(pairs)
+
+
+def relative_change(before: Tensor, after: Tensor) -> float:
+    """The largest change from ``before`` to ``after``, relative to ``before``'s largest value: how a fold is checked."""
+    return float((after - before).abs().max()) / max(float(before.abs().max()), 1e-12)
 
 
 def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:

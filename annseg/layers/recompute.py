@@ -33,13 +33,13 @@ class _Recipe:
     """How to rebuild one version of a tensor: a training-mode ``F.batch_norm`` of a kept input,
     followed by in-place ``relu`` and ``add_`` steps (an added tensor may itself be a recipe)."""
 
-    def __init__(self, norm_args: tuple, norm_kwargs: dict, steps: tuple = ()) -> None:
-        self.norm_args, self.norm_kwargs, self.steps = norm_args, norm_kwargs, steps
+    def __init__(self, norm_args: tuple, steps: tuple = ()) -> None:
+        self.norm_args, self.steps = norm_args, steps  # F.batch_norm's arguments, in its positional order
         self.packed = False  # saved by autograd somewhere: its rebuild is cached for the other readers
         self.cached: Tensor | None = None
 
     def then(self, step: tuple) -> "_Recipe":
-        return _Recipe(self.norm_args, self.norm_kwargs, self.steps + (step,))
+        return _Recipe(self.norm_args, self.steps + (step,))
 
     def rebuild(self) -> Tensor:
         """The tensor, built once and kept while autograd or a later recipe holds this recipe."""
@@ -53,7 +53,7 @@ class _Recipe:
         # Copies of the running statistics: the forward has updated them once already.
         args[1:3] = [s.clone() if isinstance(s, Tensor) else s for s in args[1:3]]
         with torch.no_grad():
-            out = F.batch_norm(*args, **self.norm_kwargs)
+            out = F.batch_norm(*args)
             for kind, other, alpha in self.steps:
                 if kind == "relu":
                     out = out.relu_()
@@ -89,8 +89,8 @@ class RecomputeNormAct(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        step = self._step(name, args, kwargs)
-        if step is None:
+        following = self._next_recipe(name, args, kwargs)
+        if following is None:
             out = func(*args, **kwargs)
             if name == "batch_norm" and func is F.batch_norm:
                 self._track_norm(out, args, kwargs)
@@ -98,8 +98,7 @@ class RecomputeNormAct(TorchFunctionMode):
         # An in-place step on a tracked tensor: autograd saves the result inside the call (the
         # ReLU keeps its output), so the next version's recipe is in place before it.
         tensor = args[0]
-        recipe = self._recipe_of(tensor)
-        self._tracked[id(tensor)] = (weakref.ref(tensor), tensor._version + 1, recipe.then(step))
+        self._tracked[id(tensor)] = (weakref.ref(tensor), tensor._version + 1, following)
         try:
             out = func(*args, **kwargs)
         except BaseException:
@@ -109,16 +108,17 @@ class RecomputeNormAct(TorchFunctionMode):
             self._tracked.pop(id(tensor), None)
         return out
 
-    def _step(self, name: str, args: tuple, kwargs: dict) -> tuple | None:
-        """The recipe step of an in-place ``relu`` or ``add_`` on a tracked tensor, else None."""
-        if name not in ("relu", "relu_", "add_") or not args or self._recipe_of(args[0]) is None:
+    def _next_recipe(self, name: str, args: tuple, kwargs: dict) -> _Recipe | None:
+        """The recipe after an in-place ``relu`` or ``add_`` on a tracked tensor, else None."""
+        recipe = self._recipe_of(args[0]) if name in ("relu", "relu_", "add_") and args else None
+        if recipe is None:
             return None
         if name == "relu_" and len(args) == 1 and not kwargs:
-            return ("relu", None, 1)
+            return recipe.then(("relu", None, 1))
         if name == "relu" and len(args) == 1 and kwargs.get("inplace", False) and set(kwargs) <= {"inplace"}:
-            return ("relu", None, 1)
+            return recipe.then(("relu", None, 1))
         if name == "add_" and len(args) == 2 and set(kwargs) <= {"alpha"} and isinstance(args[1], Tensor):
-            return ("add", self._recipe_of(args[1]) or args[1], kwargs.get("alpha", 1))
+            return recipe.then(("add", self._recipe_of(args[1]) or args[1], kwargs.get("alpha", 1)))
         return None
 
     def _track_norm(self, out: Tensor, args: tuple, kwargs: dict) -> None:
@@ -126,7 +126,7 @@ class RecomputeNormAct(TorchFunctionMode):
         source = bound[0]
         if (bound[5] and isinstance(out, Tensor) and isinstance(source, Tensor) and out.dtype == source.dtype
                 and torch.is_grad_enabled() and not torch.is_autocast_enabled(source.device.type)):
-            self._track(out, _Recipe(tuple(bound), {}))
+            self._track(out, _Recipe(tuple(bound)))
 
     def _track(self, tensor: Tensor, recipe: _Recipe) -> None:
         self._tracked[id(tensor)] = (weakref.ref(tensor), tensor._version, recipe)

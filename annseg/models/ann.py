@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from annseg.layers import AFNB, APNB, NonLocal2d, conv_bn_act
 from annseg.layers.conv import FoldedContext
 from annseg.layers.conv_grad import MatmulWeightGrad
-from annseg.layers.folding import fold_conv_batchnorms
+from annseg.layers.folding import fold_conv_batchnorms, relative_change
 from annseg.layers.recompute import RecomputeNormAct
 from annseg.models.backbones import Backbone
 
@@ -176,7 +176,7 @@ class ANN(nn.Module):
             before = self(example)
             self.afnb_context, self.context[0] = FoldedContext(output, conv), nn.Identity()
             after = self(example)
-        error = float((after - before).abs().max()) / max(float(before.abs().max()), 1e-12)
+        error = relative_change(before, after)
         if not error <= tolerance:
             self.afnb_context, self.context[0] = None, conv
             raise RuntimeError(f"folding AFNB into the context conv changed the output by {error:.2e} of its "
