@@ -2,9 +2,9 @@
 
 oneDNN convolves channels-last (NHWC) maps faster than NCHW ones, forward and for the input
 gradient, but its NHWC *weight* gradient can be much slower. On a 2-core AVX2 EPYC, the weight
-gradient of ANN's 3x3 context conv (2048 -> 512, 2x48x48) takes 1,733 ms in NHWC, 790 ms
-through NCHW copies, and 701 ms as the nine matrix products below; a 1x1 conv (1024 -> 2048)
-174 ms against 108 ms as one product. While ``MatmulWeightGrad`` is active, a channels-last
+gradient of ANN's 3x3 context conv (2048 -> 512, 2x48x48) takes 1,658 ms in NHWC, 787 ms
+through NCHW copies, and 667 ms as the nine matrix products below; a 1x1 conv (1024 -> 2048)
+173 ms against 108 ms as one product (``benchmarks/conv-weight-grad/``, with its command). While ``MatmulWeightGrad`` is active, a channels-last
 conv on the CPU keeps oneDNN's NHWC forward and input gradient, and computes its weight (and
 bias) gradient from the NHWC maps' tokens, (B*H*W, C) views:
 
