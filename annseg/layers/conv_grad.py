@@ -37,13 +37,13 @@ class MatmulWeightGrad(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func is F.conv2d:
-            conv = _conv_arguments(*args, **kwargs)
+            conv = conv_arguments(*args, **kwargs)
             if conv is not None and _applies(*conv):
                 return _ConvMatmulWeightGrad.apply(*conv)
         return func(*args, **kwargs)
 
 
-def _conv_arguments(input: object, weight: object, bias: object = None, stride=1, padding=0, dilation=1,
+def conv_arguments(input: object, weight: object, bias: object = None, stride=1, padding=0, dilation=1,
                     groups: int = 1) -> tuple | None:
     """``F.conv2d``'s arguments with pairs spelt out as lists, or None for a string padding ('same')."""
     if isinstance(padding, str):

@@ -9,7 +9,8 @@ local file the user names; nothing is ever downloaded (timm's ``pretrained`` is 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -98,13 +99,15 @@ class Backbone(nn.Module):
     def forward(self, image: Tensor) -> list[Tensor]:
         return self.body(image)
 
-    def checkpointed(self, image: Tensor) -> list[Tensor]:
+    def checkpointed(self, image: Tensor, context: Callable[[], ContextManager] = nullcontext) -> list[Tensor]:
         """``forward`` whose stages keep only their inputs: activations are recomputed in the backward.
 
         Each of timm's stages (its top-level ``nn.Sequential`` children: layer1 ... layer4 and a
         deep stem's convs for a ResNet) runs under ``torch.utils.checkpoint``; the few modules
         between them run as usual. The BatchNorms' running statistics are restored after the
-        recomputation, so they are updated once per step as without checkpointing.
+        recomputation, so they are updated once per step as without checkpointing. Every stage
+        runs, and is recomputed, inside a fresh ``context()`` (the network's conv paths), so
+        the recomputation computes what the forward did.
         """
         features, x = [], image
         wanted = set(self.body.return_layers) if hasattr(self.body, "return_layers") else None
@@ -112,9 +115,10 @@ class Backbone(nn.Module):
             raise ValueError(f"backbone {self.name!r}: timm's {type(self.body).__name__} cannot be checkpointed by stage")
         for name, stage in self.body.items():
             if isinstance(stage, (nn.Sequential, nn.ModuleList)) and any(True for _ in stage.parameters()):
-                x = checkpoint(stage, x, use_reentrant=False, context_fn=partial(_recompute_context, stage))
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=partial(_recompute_context, stage, context))
             else:
-                x = stage(x)
+                with context():
+                    x = stage(x)
             if name in wanted:
                 features.append(x)
         return features
@@ -262,9 +266,16 @@ def openmmlab_resnet_to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
-def _recompute_context(stage: nn.Module) -> tuple:
-    """``checkpoint``'s contexts: the forward as usual; the recomputation without running-statistics updates."""
-    return nullcontext(), _frozen_statistics(stage)
+def _recompute_context(stage: nn.Module, context: Callable[[], ContextManager]) -> tuple:
+    """``checkpoint``'s contexts: the forward in ``context()``; the recomputation in it too, without
+    running-statistics updates."""
+    return context(), _recomputing(stage, context)
+
+
+@contextmanager
+def _recomputing(stage: nn.Module, context: Callable[[], ContextManager]) -> Iterator[None]:
+    with _frozen_statistics(stage), context():
+        yield
 
 
 @contextmanager
