@@ -10,10 +10,12 @@ A dilated conv is tiled on its own lattice: a tile's outputs and its patch are `
 apart. The backward is the exact gradient of the same algorithm: the input gradient is the
 transposed transforms around ``dM U^T``, the weight gradient ``G^T (sum over tiles V^T dM) G``.
 
-The work runs over slabs of tile rows so that the transformed maps stay about the size of the
-input; the backward recomputes ``V`` from the input autograd keeps anyway, instead of keeping it
-(four times the input). Narrow convs stay with oneDNN: their products are too thin to pay for
-the transforms. ``benchmarks/conv-winograd/`` has the timings against oneDNN, with the command.
+The work runs over blocks of input channels and slabs of tile rows, in buffers reused from
+one slab to the next, so that what is alive at once stays about the size of the input; the
+backward recomputes ``V`` from the input autograd keeps anyway, instead of keeping it (four
+times the input). Narrow convs stay with oneDNN: their products are too thin to pay for
+the transforms, and so do small maps and maps whose dilated tiles would overhang the edge
+by much. ``benchmarks/conv-winograd/`` has the timings against oneDNN, with the command.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from torch.overrides import TorchFunctionMode
 from annseg.layers.conv_grad import conv_arguments
 
 MIN_CHANNELS = 256  # below this (input or output), the transforms cost what the products save
+MIN_POSITIONS = 1024  # B x H x W: smaller maps are left to oneDNN (too little work per product)
+MAX_TILE_WASTE = 1.2  # tile-aligned area over the map's area: the tiles past the map are computed and dropped
 SLAB_VALUES = 576 * 512  # tiles x channels per slab: thinner products (fewer tiles) run slower
 MAX_BLOCK_CHANNELS = 512  # input channels per block: bounds the transformed weight and maps alive at once
 
@@ -70,7 +74,14 @@ def applies(input: object, weight: object, bias: object, stride: list[int], padd
             and input.dtype == weight.dtype and (bias is None or isinstance(bias, Tensor))
             and not torch.is_autocast_enabled("cpu")
             and weight.shape[0] >= MIN_CHANNELS and weight.shape[1] >= MIN_CHANNELS
-            and input.is_contiguous(memory_format=torch.channels_last))
+            and input.is_contiguous(memory_format=torch.channels_last) and _worth_tiling(input, dilation))
+
+
+def _worth_tiling(input: Tensor, dilation: list[int]) -> bool:
+    """Enough positions, and few tiles past the map's edge (a dilated conv's tiles span 2 x dilation)."""
+    batch, _, height, width = input.shape
+    aligned = [math.ceil(n / (2 * d)) * 2 * d for n, d in zip((height, width), dilation)]
+    return batch * height * width >= MIN_POSITIONS and aligned[0] * aligned[1] <= MAX_TILE_WASTE * height * width
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int | Sequence[int] = 1) -> Tensor:

@@ -51,8 +51,8 @@ class ANN(nn.Module):
     on the CPU, channels-last convs take their weight gradient as matrix products
     (``MatmulWeightGrad``), where oneDNN's NHWC one is slow. ``winograd_conv`` (default): in
     training on the CPU, 3x3 "same" convs of at least 256 channels (the heads' and the dilated
-    stages') run as Winograd F(2x2, 3x3), forward and backward (``WinogradConv``): 2.25x fewer
-    products, the same function up to float re-association. Set ``checkpoint_backbone = True`` to recompute the
+    stages') on maps of at least 1,024 positions run as Winograd F(2x2, 3x3), forward and
+    backward (``WinogradConv``): 2.25x fewer products, the same function up to float re-association. Set ``checkpoint_backbone = True`` to recompute the
     backbone's activations in the backward instead of keeping them (less memory, about one
     more backbone forward of time; the same gradients).
     """

@@ -91,9 +91,10 @@ def test_an_output_gradient_in_another_layout_gives_the_same_gradients(small_blo
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
-def _routed(conv_args: dict, channels: int | None = None, channels_last: bool = True, weight_shape=(3, 3)) -> bool:
+def _routed(conv_args: dict, channels: int | None = None, channels_last: bool = True, weight_shape=(3, 3),
+            size: tuple[int, int, int] = (1, 32, 32)) -> bool:
     channels = channels or winograd.MIN_CHANNELS
-    x = torch.randn(1, channels, 6, 6)
+    x = torch.randn(size[0], channels, *size[1:])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(channels, channels, *weight_shape, requires_grad=True)
@@ -112,6 +113,10 @@ def test_the_mode_takes_exactly_the_wide_same_3x3_convs():
     assert not _routed(dict(), weight_shape=(1, 1))
     assert not _routed(dict(padding=1), channels=winograd.MIN_CHANNELS - 1)  # too narrow to pay
     assert not _routed(dict(padding=1), channels_last=False)
+    assert not _routed(dict(padding=1), size=(1, 16, 16))  # too few positions to pay
+    assert _routed(dict(padding=1), size=(4, 16, 16))
+    assert not _routed(dict(padding=4, dilation=4), size=(4, 8, 12))  # tiles span 8 columns: 16 computed for 12
+    assert _routed(dict(padding=4, dilation=4), size=(1, 97, 97))  # 104 x 104 computed for 97 x 97
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _routed(dict(padding=1))
 
@@ -125,7 +130,8 @@ def test_a_double_backward_raises_instead_of_a_wrong_result():
 
 
 def test_the_network_trains_to_the_same_gradients_in_float64(monkeypatch):
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the heads' and backbone's 3x3 convs of a small network
+    for rule, value in (("MIN_CHANNELS", 8), ("MIN_POSITIONS", 1), ("MAX_TILE_WASTE", float("inf"))):
+        monkeypatch.setattr(winograd, rule, value)  # every 3x3 "same" conv of a small network, on small maps
     calls = []
     apply = winograd._Winograd.apply
     monkeypatch.setattr(winograd._Winograd, "apply", lambda *args: calls.append(1) or apply(*args))
