@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from annseg.layers import winograd
 from annseg.layers.winograd import WinogradConv, winograd_conv2d
-from annseg.models import create_model
+from tests.models.tiny import one_training_step
 
 
 @pytest.fixture
@@ -137,13 +137,8 @@ def test_the_network_trains_to_the_same_gradients_in_float64(monkeypatch):
     monkeypatch.setattr(winograd._Winograd, "apply", lambda *args: calls.append(1) or apply(*args))
     results = []
     for option in (False, True):
-        torch.manual_seed(0)
-        model = create_model("ann_resnet18", num_classes=3, head_channels=16, key_channels=8, value_channels=8,
-                             aux_channels=8, winograd_conv=option).double().train()
-        torch.manual_seed(1)
-        main, aux = model(torch.randn(2, 3, 40, 56, dtype=torch.float64))
-        (main.square().mean() + aux.square().mean()).backward()
-        results.append([main.detach(), aux.detach()] + [p.grad for p in model.parameters()])
+        model, result = one_training_step(winograd_conv=option)
+        results.append(result)
         eligible = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
                     and m.stride == (1, 1) and m.padding == m.dilation and min(m.in_channels, m.out_channels) >= 8]
         assert len(eligible) >= 15  # the backbone's unstrided 3x3 convs and the heads' two
