@@ -632,7 +632,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     scores = fit(config, out, resume=args.resume, progress=_training_progress(),
                  hardware=Hardware(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes))
     if scores.get("world_size", 1) > 1:
-        print(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}", flush=True)
+        # One write of the whole line: the ranks share the terminal, and print()'s separate
+        # newline could land after the other rank's line on an unbuffered stream.
+        sys.stdout.write(f"rank {scores['rank']}/{scores['world_size']}: val mIoU {scores['mIoU']:.6f}\n")
+        sys.stdout.flush()
     if scores.get("rank", 0) == 0:
         print(format_table(scores))
         print(f"checkpoints in {out / 'checkpoints'}, logs in {out / 'logs'}, scores in {out / 'metrics.json'}")
