@@ -104,8 +104,24 @@ def _devices(text: str) -> int | list[int] | str:
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 
 
-def _check_hardware(accelerator: str, devices: int | list[int] | str) -> None:
-    """Refuse, before Lightning does with a traceback, hardware this machine does not have."""
+def _warn_slow_bf16(precision: object, device_type: str) -> None:
+    """bf16 on a CPU without native bf16 kernels runs correctly but through torch's slow reference
+    kernels (about a hundred times fp32's time for a wide matmul): say so before a long run."""
+    if "bf16" not in str(precision) or device_type != "cpu":
+        return
+    import torch
+
+    from annseg.bench.machine import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        print(f"annseg: warning: precision {precision} on a CPU without native bf16 (AVX512-BF16 or AMX): torch "
+              "runs bf16 through slow reference kernels here, far slower than fp32; fp32 is the faster choice on "
+              "this machine", file=sys.stderr, flush=True)
+
+
+def _check_hardware(accelerator: str, devices: int | list[int] | str) -> str:
+    """Refuse, before Lightning does with a traceback, hardware this machine does not have; the
+    kind of device the run will use ("cpu", "cuda", "mps", "tpu")."""
     import importlib.util
 
     import torch
@@ -118,12 +134,12 @@ def _check_hardware(accelerator: str, devices: int | list[int] | str) -> None:
     if kind == "tpu":
         if importlib.util.find_spec("torch_xla") is None:
             raise ValueError("--accelerator tpu needs torch_xla, which is not installed; use --accelerator auto")
-        return
+        return kind
     if kind == "cpu":
         if isinstance(devices, list):
             raise ValueError(f"--devices {','.join(map(str, devices))}: device indices need a GPU and this run uses "
                              "the CPU; give a number of processes (e.g. --devices 2) or --accelerator gpu")
-        return
+        return kind
     have = counts[kind]
     if have == 0:
         raise ValueError(f"--accelerator {accelerator}: torch sees no {kind} device on this machine; use "
@@ -133,6 +149,7 @@ def _check_hardware(accelerator: str, devices: int | list[int] | str) -> None:
     if isinstance(devices, list) and max(devices) >= have:
         raise ValueError(f"--devices {','.join(map(str, devices))}: device index {max(devices)} does not exist; "
                          f"this machine has {have} {kind} device(s), 0 to {have - 1}")
+    return kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,7 +644,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         return
     out = _run_folder(args)
     check_out_folder(out)
-    _check_hardware(args.accelerator, args.devices)
+    _warn_slow_bf16(config.train.precision, _check_hardware(args.accelerator, args.devices))
     _quiet_lightning()
     scores = fit(config, out, resume=args.resume, progress=_training_progress(),
                  hardware=Hardware(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes))
@@ -660,7 +677,9 @@ def _inference_setup(args: argparse.Namespace):
         if value is not None:
             values["eval"][key] = value
     config = config_from_dict(values)
-    return model, meta, config, _device(args)
+    device = _device(args)
+    _warn_slow_bf16(config.eval.precision, device.type)
+    return model, meta, config, device
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

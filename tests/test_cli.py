@@ -127,3 +127,39 @@ def test_more_gpus_than_the_machine_has_is_refused(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "--accelerator", "cuda", "--devices", devices, "--out", str(tmp_path / "run")])
         assert str(exit_info.value) == f"annseg: error: {message}"
+
+
+class _Stop(Exception):
+    """Raised in place of the long work, once the command has said what it says first."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(native, tmp_path, monkeypatch, capsys):
+    import annseg.engine
+    from annseg.bench import machine
+    from annseg.engine import evaluate as evaluate_module
+    from tests.engine.tiny import tiny_checkpoint, tiny_cli_args
+
+    monkeypatch.setattr(machine, "native_bf16", lambda device: native)
+    monkeypatch.setattr(annseg.engine, "fit", _stop)
+    with pytest.raises(_Stop):
+        main(["train", *tiny_cli_args("train.precision=bf16-mixed"), "--accelerator", "cpu", "--out", str(tmp_path / "t")])
+    train_err = capsys.readouterr().err
+    tiny_checkpoint(tmp_path / "m.ckpt")
+    monkeypatch.setattr(evaluate_module, "evaluate", _stop)
+    with pytest.raises(_Stop):
+        main(["eval", "--checkpoint", str(tmp_path / "m.ckpt"), "--device", "cpu", "--set", "eval.precision=bf16",
+              "--out", str(tmp_path / "e.json")])
+    eval_err = capsys.readouterr().err
+    for err, precision in ((train_err, "bf16-mixed"), (eval_err, "bf16")):
+        warned = f"warning: precision {precision} on a CPU without native bf16" in err
+        assert warned == (not native), err
+    main_fp32 = ["train", *tiny_cli_args(), "--accelerator", "cpu", "--out", str(tmp_path / "f")]
+    monkeypatch.setattr(machine, "native_bf16", lambda device: False)
+    with pytest.raises(_Stop):
+        main(main_fp32)
+    assert "warning" not in capsys.readouterr().err  # fp32 says nothing
