@@ -59,6 +59,16 @@ class BenchResult:
         return json_path, md_path
 
 
+def write_script_results(out_dir: Path, record: dict[str, object], table: Sequence[str]) -> str:
+    """A benchmark script's results: ``record`` (with its ``command``) as results.json, and the
+    ``table`` lines followed by the command as results.md, in ``out_dir``; returns the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    markdown = "\n".join([*table, "", f"Command: `{record['command']}`", ""])
+    (out_dir / "results.md").write_text(markdown)
+    return markdown
+
+
 def run_worker(module: str, request: str) -> dict[str, object]:
     """Run ``python -m module request`` in a fresh process; its last stdout line is the JSON record."""
     return run_process([sys.executable, "-m", module, request])

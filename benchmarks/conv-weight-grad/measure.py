@@ -10,13 +10,13 @@ what ``model.options.matmul_weight_grad`` uses in training). Best of 3 after one
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from annseg.bench.machine import describe
+from annseg.bench.runner import write_script_results
 from annseg.layers.conv_grad import weight_grad
 
 # (C_in, C_out, kernel, dilation, size): the context conv, the auxiliary head's conv, layer4/layer3 3x3s, 1x1s.
@@ -60,17 +60,13 @@ def main() -> None:
                      "onednn_nchw_copies_ms": nchw, "matmul_taps_ms": ours, "relative_difference": error})
     machine = describe(torch.device("cpu"), args.threads)
     command = f"python benchmarks/conv-weight-grad/measure.py --threads {args.threads} --out {args.out}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     lines = [f"Weight gradient of one conv, best of 3 (ms). Device: {machine['device_name']}, {args.threads} threads, "
              f"torch {machine['torch']}.", "",
              "| conv | oneDNN, NHWC | oneDNN, NCHW copies | matmul per tap (annseg) | relative difference |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['conv']} | {r['onednn_nhwc_ms']:,.0f} | {r['onednn_nchw_copies_ms']:,.0f} | "
               f"{r['matmul_taps_ms']:,.0f} | {r['relative_difference']:.0e} |" for r in rows]
-    lines += ["", f"Command: `{command}`", ""]
-    (args.out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_script_results(args.out, {"command": command, "machine": machine, "rows": rows}, lines))
 
 
 if __name__ == "__main__":

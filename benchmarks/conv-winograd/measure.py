@@ -15,14 +15,13 @@ largest value.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from annseg.bench.machine import LiveTensors, describe
-from annseg.bench.runner import timed
+from annseg.bench.runner import timed, write_script_results
 from annseg.layers.conv_grad import _ConvMatmulWeightGrad
 from annseg.layers.winograd import winograd_conv2d
 
@@ -75,8 +74,6 @@ def main() -> None:
         print(row, flush=True)
     machine = describe(torch.device("cpu"), args.threads)
     command = f"python benchmarks/conv-winograd/measure.py --threads {args.threads} --out {args.out}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2))
     lines = [f"One 3x3 conv, best of 3 (ms); forward + backward with input and weight gradients, and its peak "
              f"(MiB of tensors alive). Device: {machine['device_name']}, {args.threads} threads, torch {machine['torch']}.",
              "",
@@ -88,9 +85,7 @@ def main() -> None:
               f"{r['winograd_step_ms'] / r['matmul_weight_grad_step_ms']:.2f}x | "
               f"{r['matmul_weight_grad_peak_mib']:,.0f} / {r['winograd_peak_mib']:,.0f} | "
               f"{r['onednn_error']:.0e} / {r['winograd_error']:.0e} |" for r in rows]
-    lines += ["", f"Command: `{command}`", ""]
-    (args.out / "results.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_script_results(args.out, {"command": command, "machine": machine, "rows": rows}, lines))
 
 
 if __name__ == "__main__":
