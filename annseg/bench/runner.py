@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import subprocess
@@ -57,6 +58,17 @@ class BenchResult:
         json_path.write_text(json.dumps(record, indent=2) + "\n")
         md_path.write_text(render(record))
         return json_path, md_path
+
+
+def script_arguments(doc: str, script: str) -> argparse.Namespace:
+    """The command line of a standalone benchmark script: ``--threads`` (applied to torch) and
+    ``--out`` (default: the script's own folder)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(script).resolve().parent)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def write_script_results(out_dir: Path, record: dict[str, object], table: Sequence[str]) -> str:

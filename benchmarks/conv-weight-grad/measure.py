@@ -9,14 +9,12 @@ what ``model.options.matmul_weight_grad`` uses in training). Best of 3 after one
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from annseg.bench.machine import describe
-from annseg.bench.runner import write_script_results
+from annseg.bench.runner import script_arguments, write_script_results
 from annseg.layers.conv_grad import weight_grad
 
 # (C_in, C_out, kernel, dilation, size): the context conv, the auxiliary head's conv, layer4/layer3 3x3s, 1x1s.
@@ -35,11 +33,7 @@ def best_ms(run, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = script_arguments(__doc__, __file__)
     rows = []
     for c_in, c_out, k, d, size in SHAPES:
         cl = torch.channels_last

@@ -14,14 +14,12 @@ largest value.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from annseg.bench.machine import LiveTensors, describe
-from annseg.bench.runner import timed, write_script_results
+from annseg.bench.runner import script_arguments, timed, write_script_results
 from annseg.layers.conv_grad import _ConvMatmulWeightGrad
 from annseg.layers.winograd import winograd_conv2d
 
@@ -42,11 +40,7 @@ def peak_mib(run) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = script_arguments(__doc__, __file__)
     torch.manual_seed(0)
     rows = []
     for c_in, c_out, d, size, where in SHAPES:
