@@ -53,8 +53,8 @@ _B, _GT, _A = _transposed(_BT), _transposed(_G), _transposed(_AT)
 
 
 class WinogradConv(TorchFunctionMode):
-    """Context for a training forward on the CPU: channels-last 3x3 "same" convs with at least
-    ``MIN_CHANNELS`` input and output channels run as Winograd F(2x2, 3x3) (``_Winograd``)."""
+    """Context for a training forward on the CPU: channels-last 3x3 "same" convs run as Winograd
+    F(2x2, 3x3) (``_Winograd``) where ``applies`` says it pays (wide enough, on a large enough map)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
