@@ -72,7 +72,7 @@ class _ConvMatmulWeightGrad(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int],
                 dilation: list[int], groups: int) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias = (stride, padding, dilation), bias is not None
+        ctx.geometry = stride, padding, dilation
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -85,7 +85,7 @@ class _ConvMatmulWeightGrad(torch.autograd.Function):
                                                          [0, 0], 1, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             grad_weight = weight_grad(grad_out, x, tuple(weight.shape), stride, padding, dilation)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False for a None bias
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None, None
 

@@ -95,7 +95,7 @@ class _Winograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, dilation: list[int]) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.dilation, ctx.has_bias = dilation, bias is not None
+        ctx.dilation = dilation
         tiling, scratch = _Tiling(x, dilation), _Scratch(x)
         image = x.permute(0, 2, 3, 1)  # (B, H, W, C_in) view
         out = x.new_empty(tiling.batch, tiling.rows_out, tiling.cols_out, weight.shape[0])  # NHWC, tile-aligned
@@ -118,6 +118,8 @@ class _Winograd(torch.autograd.Function):
         tiling, scratch = _Tiling(x, ctx.dilation), _Scratch(x)
         image, grad = x.permute(0, 2, 3, 1), tiling.aligned(grad_out.permute(0, 2, 3, 1))
         grad_input = grad_weight = grad_bias = None
+        # U, V and dM are recomputed per block and slab rather than kept: each is a multiple of
+        # the weight or the maps, and the transforms cost little next to the products.
         if ctx.needs_input_grad[1]:  # dg = G^T (sum over tiles V^T dM) G, a block of input channels at a time
             grad_weight = torch.empty_like(weight)
             for c0, c1 in _blocks(weight.shape[1]):
@@ -141,7 +143,7 @@ class _Winograd(torch.autograd.Function):
                     slab = tiling.input_transform_grad(dv, a0, a1, scratch)
                     tiling.add_slab(slab, grad_input[..., c0:c1], a0, a1)
             grad_input = grad_input.permute(0, 3, 1, 2)  # channels-last (B, C, H, W)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False for a None bias
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_input, grad_weight, grad_bias, None
 
@@ -213,21 +215,22 @@ class _Tiling:
             return out
         return out[:, :, :self.height, :self.width].contiguous(memory_format=torch.channels_last)
 
-    def _patches(self, slab: Tensor) -> Tensor:
-        """(4 u, 4 u', B, a, dh, b, dw, C) view of a slab: each tile's 4x4 input patch."""
-        n, rows, cols, c = slab.stride()
+    def _tiles(self, tensor: Tensor, size: int, tile_rows: int, first_row: int = 0) -> Tensor:
+        """(size u, size u', B, tile_rows, dh, b, dw, C) view of an NHWC map from row ``first_row``:
+        each tile's size x size positions, ``dilation`` apart (4x4 input patches, 2x2 outputs)."""
+        n, rows, cols, c = tensor.stride()
         dh, dw = self.dh, self.dw
-        return slab.as_strided((4, 4, self.batch, slab.shape[1] // (2 * dh) - 1, dh, self.tile_cols, dw, slab.shape[3]),
-                               (dh * rows, dw * cols, n, 2 * dh * rows, rows, 2 * dw * cols, cols, c),
-                               slab.storage_offset())
+        return tensor.as_strided((size, size, self.batch, tile_rows, dh, self.tile_cols, dw, tensor.shape[3]),
+                                 (dh * rows, dw * cols, n, 2 * dh * rows, rows, 2 * dw * cols, cols, c),
+                                 tensor.storage_offset() + first_row * rows)
+
+    def _patches(self, slab: Tensor) -> Tensor:
+        """Each tile's 4x4 input patch in a slab (laid out by ``slab``)."""
+        return self._tiles(slab, 4, slab.shape[1] // (2 * self.dh) - 1)
 
     def _outputs(self, out: Tensor, a0: int, a1: int) -> Tensor:
-        """(2 t, 2 t', B, a1 - a0, dh, b, dw, C) view: each tile's 2x2 outputs."""
-        n, rows, cols, c = out.stride()
-        dh, dw = self.dh, self.dw
-        return out.as_strided((2, 2, self.batch, a1 - a0, dh, self.tile_cols, dw, out.shape[3]),
-                              (dh * rows, dw * cols, n, 2 * dh * rows, rows, 2 * dw * cols, cols, c),
-                              out.storage_offset() + a0 * 2 * dh * rows)
+        """Each tile's 2x2 outputs in tile rows [a0, a1) of a tile-aligned NHWC map."""
+        return self._tiles(out, 2, a1 - a0, 2 * self.dh * a0)
 
     def input_transform(self, slab: Tensor, scratch: _Scratch) -> Tensor:
         """V = B^T d B for a slab's tiles: (16, T, C), in scratch "v"."""
@@ -246,13 +249,7 @@ class _Tiling:
         m = m.view((4, 4) + outputs.shape[2:])
         half = scratch("m half", (2,) + m.shape[1:])  # (2 t, 4 j, ...)
         _combine(m.unbind(0), _AT, half.unbind(0))
-        if not accumulate:
-            _combine(half.unbind(1), _AT, outputs.unbind(1))
-            return
-        for t, coefficients in enumerate(_AT):  # into the outputs' t'-th column
-            for j, c in enumerate(coefficients):
-                if c:
-                    outputs[:, t].add_(half[:, j], alpha=c)
+        _combine(half.unbind(1), _AT, outputs.unbind(1), accumulate=accumulate)
 
     def output_transform_grad(self, grad: Tensor, a0: int, a1: int, scratch: _Scratch) -> Tensor:
         """dM = A dY A^T from the tile-aligned NHWC output gradient: (16, T, C_out), in scratch "m"."""
@@ -296,9 +293,10 @@ class _Scratch:
 
 
 def _combine(rows: Sequence[Tensor], matrix: Sequence[Sequence[float]], out: Sequence[Tensor],
-             alias: bool = False) -> list[Tensor]:
+             alias: bool = False, accumulate: bool = False) -> list[Tensor]:
     """out[k] = sum_i matrix[k][i] * rows[i] for a small constant matrix, one elementwise op per
-    term; returns the results. With ``alias``, a result that is a single row is that row, uncopied."""
+    term (``accumulate``: out[k] += ...); returns the results. With ``alias``, a result that is a
+    single row is that row, uncopied."""
     results = []
     for target, coefficients in zip(out, matrix):
         terms = [(c, row) for c, row in zip(coefficients, rows) if c != 0]
@@ -307,7 +305,9 @@ def _combine(rows: Sequence[Tensor], matrix: Sequence[Sequence[float]], out: Seq
             results.append(r0)
             continue
         results.append(target)
-        if rest and c0 == 1:
+        if accumulate:
+            rest = terms
+        elif rest and c0 == 1:
             (c1, r1), rest = rest[0], rest[1:]
             torch.add(r0, r1, alpha=c1, out=target)
         elif rest and c0 == -1 and rest[0][0] == 1:

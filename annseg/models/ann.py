@@ -46,15 +46,16 @@ class ANN(nn.Module):
     cuDNN convolve fastest; the same function. ``fused_fusion``: the blocks' W and fusion conv
     as one product (see ``APNB``). ``recompute_norm_act`` (default): in training, keep each
     BatchNorm's input and rebuild its ReLU output (and a residual block's output) in the
-    backward instead of keeping both (``RecomputeNormAct``): less activation memory (a quarter for
-    ANN-R50) for about 2% more time, bit for bit the same gradients. ``matmul_weight_grad`` (default): in training
-    on the CPU, channels-last convs take their weight gradient as matrix products
+    backward instead of keeping both (``RecomputeNormAct``): less activation memory (a quarter
+    for ANN-R50) for about 2% more time, bit for bit the same gradients. ``matmul_weight_grad``
+    (default): in training on the CPU, channels-last convs take their weight gradient as matrix products
     (``MatmulWeightGrad``), where oneDNN's NHWC one is slow. ``winograd_conv`` (default): in
     training on the CPU, 3x3 "same" convs of at least 256 channels (the heads' and the dilated
     stages') on maps of at least 1,024 positions run as Winograd F(2x2, 3x3), forward and
-    backward (``WinogradConv``): 2.25x fewer products, the same function up to float re-association. Set ``checkpoint_backbone = True`` to recompute the
-    backbone's activations in the backward instead of keeping them (less memory, about one
-    more backbone forward of time; the same gradients).
+    backward (``WinogradConv``): 2.25x fewer products, the same function up to float
+    re-association. Set ``checkpoint_backbone = True`` to recompute the backbone's activations
+    in the backward instead of keeping them (less memory, about one more backbone forward of
+    time; the same gradients).
     """
 
     def __init__(
@@ -124,9 +125,9 @@ class ANN(nn.Module):
             image = image.contiguous(memory_format=torch.channels_last)
         training = self.training and torch.is_grad_enabled()
         # A compiled graph plans its own memory; a checkpointed backbone keeps none of its maps.
-        recompute = self.recompute_norm_act and training and not torch.compiler.is_compiling()
-        memory = RecomputeNormAct() if recompute else contextlib.nullcontext()
-        convs = partial(self._conv_paths, training and image.device.type == "cpu" and not torch.compiler.is_compiling())
+        eager_training = training and not torch.compiler.is_compiling()
+        memory = RecomputeNormAct() if self.recompute_norm_act and eager_training else contextlib.nullcontext()
+        convs = partial(self._conv_paths, eager_training and image.device.type == "cpu")
         if self.checkpoint_backbone and training:
             low, high = self.backbone.checkpointed(image, convs)
             with memory, convs():
