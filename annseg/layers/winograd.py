@@ -279,7 +279,7 @@ class _Tiling:
 
 class _Scratch:
     """Named buffers reused from slab to slab: a fresh large allocation is page-faulted in
-    again every time (glibc maps it anew), which costs about ten times the arithmetic here."""
+    again every time (glibc maps it anew), which can cost more than the additions that fill it."""
 
     def __init__(self, like: Tensor) -> None:
         self.like, self.buffers = like, {}
